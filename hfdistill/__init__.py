@@ -1,0 +1,10 @@
+"""hfdistill: knowledge distillation for the Hugging Face ecosystem."""
+
+from . import losses
+from .config import DistillationConfig
+from .recipe import Recipe, RecipeError
+from .trainer import DistillationError, DistillationTrainer
+
+__version__ = "0.1.0"
+
+__all__ = ["DistillationConfig", "DistillationError", "DistillationTrainer", "Recipe", "RecipeError", "losses"]

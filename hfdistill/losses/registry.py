@@ -1,0 +1,131 @@
+"""The loss registry (DESIGN.md, contract 1).
+
+Every distillation method is an ``nn.Module`` registered here with its description and paper.
+``forward(student, teacher, **fields)`` takes what the term's taps selected (a tensor, or a list
+of tensors when the term reads several layers) plus the batch fields the method declared in
+``fields=`` (``labels``, ``index``, ``epoch``, ...), and returns a scalar tensor.
+
+A method with trainable state of its own (VID's regressors, CRD's embeddings) creates it in
+``configure(student_shapes, teacher_shapes)``, which the trainer calls once with the shapes seen
+in its dry-run forward, before the optimiser exists. That state is then optimised with the student
+and saved in Trainer checkpoints, never in the saved student.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Fields the trainer can supply to a loss besides what is in the batch.
+TRAINER_FIELDS = ("epoch", "step")
+
+# What a method reads; shown by `hfdistill losses` and used to pick default taps.
+READS = ("logits", "features", "relations", "attention", "hidden_states")
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """What the registry knows about a method, shown by ``hfdistill losses``."""
+
+    name: str
+    cls: type[nn.Module]
+    description: str
+    paper: str
+    year: int
+    reads: str
+    # Taps used when a term gives none ("logits" for logit methods); None means the term must name them.
+    default_tap: str | None = None
+    # True when student and teacher tensors must have the same shape (an adapter must make it so).
+    same_shape: bool = True
+    # Batch fields the method needs by name, passed as keyword arguments to forward.
+    fields: tuple[str, ...] = ()
+    # True when the method owns trainable modules (optimised with the student).
+    trainable: bool = False
+    # True when the method reads several layers (a list of taps) at once, e.g. FSP or ReviewKD.
+    multi_layer: bool = False
+    # The names of the constructor's parameters, for recipe validation.
+    params: tuple[str, ...] = field(default=())
+
+
+_LOSSES: dict[str, LossInfo] = {}
+
+
+def register_loss(
+    name: str,
+    *,
+    description: str,
+    paper: str,
+    year: int,
+    reads: str,
+    default_tap: str | None = None,
+    same_shape: bool = True,
+    fields: tuple[str, ...] = (),
+    trainable: bool = False,
+    multi_layer: bool = False,
+    aliases: tuple[str, ...] = (),
+) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: register a distillation loss under ``name`` (and any ``aliases``)."""
+    if reads not in READS:
+        raise ValueError(f"register_loss({name!r}): reads={reads!r}, expected one of {READS}")
+
+    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        signature = inspect.signature(cls.__init__)
+        params = tuple(
+            p.name
+            for p in signature.parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        )
+        for registered_name in (name, *aliases):
+            if registered_name in _LOSSES:
+                raise ValueError(f"loss {registered_name!r} is registered twice")
+            _LOSSES[registered_name] = LossInfo(
+                name=registered_name,
+                cls=cls,
+                description=description,
+                paper=paper,
+                year=year,
+                reads=reads,
+                default_tap=default_tap,
+                same_shape=same_shape,
+                fields=tuple(fields),
+                trainable=trainable,
+                multi_layer=multi_layer,
+                params=params,
+            )
+        cls.loss_name = name
+        return cls
+
+    return decorator
+
+
+def available() -> list[str]:
+    """The names of all registered losses, sorted."""
+    return sorted(_LOSSES)
+
+
+def get_info(name: str) -> LossInfo:
+    """The registry entry for ``name``; a KeyError lists the registered names when it is unknown."""
+    try:
+        return _LOSSES[name]
+    except KeyError:
+        raise KeyError(f"unknown loss {name!r}; registered losses: {', '.join(available())}") from None
+
+
+def build(name: str, **params) -> nn.Module:
+    """Instantiate the registered loss ``name`` with ``params`` (the term's ``params:`` mapping)."""
+    info = get_info(name)
+    unknown = sorted(set(params) - set(info.params))
+    if unknown:
+        raise TypeError(
+            f"loss {name!r} has no parameter(s) {unknown}; its parameters are {list(info.params) or 'none'}"
+        )
+    return info.cls(**params)
+
+
+def as_list(x: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Normalise a single tap or a list of taps to a list (multi-layer methods accept both)."""
+    return list(x) if isinstance(x, (list, tuple)) else [x]

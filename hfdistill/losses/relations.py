@@ -1,0 +1,651 @@
+"""relations losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register_loss
+
+import math
+
+from .registry import as_list
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers. Every loss below computes in float32 (teacher outputs may be bf16/fp16).
+# ----------------------------------------------------------------------------------------------
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, D] float32: one vector per example."""
+    return x.float().reshape(x.shape[0], -1)
+
+
+def _check_batch(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"{name}: student and teacher batch sizes differ ({student.shape[0]} vs {teacher.shape[0]}); "
+            "relation losses compare the same examples in both networks"
+        )
+
+
+def _check_pairs(name: str, student, teacher) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Accept a tensor or a list of tensors for both sides; they must list the same number of layers."""
+    s_list, t_list = as_list(student), as_list(teacher)
+    if len(s_list) != len(t_list):
+        raise ValueError(
+            f"{name}: got {len(s_list)} student tensor(s) but {len(t_list)} teacher tensor(s); "
+            "list the same number of student and teacher taps (layer i of the student is compared with layer i of the teacher)"
+        )
+    if not s_list:
+        raise ValueError(f"{name}: no tensors given")
+    for s, t in zip(s_list, t_list):
+        _check_batch(name, s, t)
+    return s_list, t_list
+
+
+def _safe_norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
+    """Euclidean norm with a finite gradient at 0 (the clamp stops the gradient there)."""
+    return x.pow(2).sum(dim, keepdim=True).clamp_min(eps * eps).sqrt()
+
+
+def _check_nonneg(name: str, **values: float) -> None:
+    for key, value in values.items():
+        if value < 0:
+            raise ValueError(f"{name}: {key} must be >= 0, got {value}")
+
+
+def _pool_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Adaptive average pooling of the positions of a [B, C, H, W] map or a [B, T, D] sequence."""
+    if x.dim() == 4:
+        return x if tuple(x.shape[2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
+    if x.dim() == 3:
+        if x.shape[1] == size[0]:
+            return x
+        return F.adaptive_avg_pool1d(x.transpose(1, 2), size[0]).transpose(1, 2)
+    return x
+
+
+def _positions(x: torch.Tensor) -> tuple[int, ...]:
+    """The positional size of a feature: (H, W) for [B, C, H, W], (T,) for [B, T, D], () for [B, D]."""
+    if x.dim() == 4:
+        return tuple(x.shape[2:])
+    if x.dim() == 3:
+        return (x.shape[1],)
+    return ()
+
+
+def _pool_to_smaller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool whichever of two same-rank features has more positions down to the smaller size (per axis)."""
+    size = tuple(min(p, q) for p, q in zip(_positions(a), _positions(b)))
+    return _pool_to(a, size), _pool_to(b, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# PKT
+# ----------------------------------------------------------------------------------------------
+
+
+def _pkt_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """[B, D] -> [B, B]: row i is the distribution p_{j|i} of the cosine kernel K = (cos + 1) / 2."""
+    x = x / (x.norm(dim=1, keepdim=True) + eps)
+    kernel = (x @ x.t() + 1.0) / 2.0
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+@register_loss(
+    "pkt",
+    description="Probabilistic Knowledge Transfer: KL between teacher and student cosine-kernel neighbour distributions in the batch",
+    paper="Learning Deep Representations with Probabilistic Knowledge Transfer (Passalis, Tefas), ECCV 2018, arXiv:1803.10837",
+    year=2018,
+    reads="relations",
+    same_shape=False,
+)
+class PKTLoss(nn.Module):
+    """Probabilistic Knowledge Transfer.
+
+    Each example's feature is flattened to a vector x_i and L2-normalised. The cosine-similarity
+    kernel ``K(i, j) = (cos(x_i, x_j) + 1) / 2`` (in [0, 1]) gives conditional probabilities
+    ``p_{j|i} = K(i, j) / sum_k K(i, k)`` for the student (p) and teacher (q). The loss is
+
+        ``L = 1/B^2 * sum_i sum_j q_{j|i} * log((q_{j|i} + eps) / (p_{j|i} + eps))``,
+
+    i.e. KL(teacher || student) of every row, averaged over all B*B entries.
+
+    Paper vs reference: the paper's conditional probabilities leave out the self pair (k != i);
+    the authors' own code (github.com/passalis/probabilistic_kt, also used by RepDistiller and
+    torchdistill) keeps it and takes the mean over the B*B matrix. We follow the authors' code,
+    so that the loss weights published with it (e.g. RepDistiller's 3e4) carry over unchanged;
+    the value is 1/B times the batch mean of the per-row KL. Works for batch size 1 (value 0).
+    """
+
+    def __init__(self, eps: float = 1e-7):
+        super().__init__()
+        if eps <= 0:
+            raise ValueError(f"pkt: eps must be > 0, got {eps}")
+        self.eps = eps
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        _check_batch("pkt", student, teacher)
+        p_s = _pkt_probabilities(_flat(student), self.eps)  # [B, B]
+        p_t = _pkt_probabilities(_flat(teacher), self.eps)  # [B, B]
+        return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# RKD
+# ----------------------------------------------------------------------------------------------
+
+
+def _rkd_distances(x: torch.Tensor) -> torch.Tensor:
+    """[B, D] -> [B, B] Euclidean distances divided by their mean over the B*(B-1) distinct pairs."""
+    b = x.shape[0]
+    diff = x.unsqueeze(1) - x.unsqueeze(0)  # [B, B, D]
+    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=x.device)
+    dist = torch.where(off_diagonal, _safe_norm(diff).squeeze(-1), torch.zeros((), device=x.device))
+    mean = dist[off_diagonal].mean().clamp_min(1e-12)
+    return dist / mean
+
+
+def _rkd_angles(x: torch.Tensor) -> torch.Tensor:
+    """[B, D] -> [B, B, B]: entry (j, i, k) is cos of the angle at x_j between x_i and x_k."""
+    diff = x.unsqueeze(0) - x.unsqueeze(1)  # diff[j, i] = x_i - x_j
+    unit = diff / _safe_norm(diff)  # zero vectors (i == j) stay zero
+    return unit @ unit.transpose(1, 2)
+
+
+@register_loss(
+    "rkd",
+    description="Relational KD: Huber loss between normalised pairwise distances and triplet angles of student and teacher",
+    paper="Relational Knowledge Distillation (Park, Kim, Lu, Cho), CVPR 2019, arXiv:1904.05068",
+    year=2019,
+    reads="relations",
+    same_shape=False,
+)
+class RKDLoss(nn.Module):
+    """Relational Knowledge Distillation, distance-wise plus angle-wise potentials.
+
+    Features are flattened to vectors t_i (teacher), s_i (student).
+
+    * Distance: ``psi_D(i, j) = ||t_i - t_j|| / mu`` with ``mu`` the mean distance over distinct
+      pairs of the batch; ``L_D = mean_{i,j} huber(psi_D^s(i, j), psi_D^t(i, j))``.
+    * Angle: ``psi_A(i, j, k) = <e_ij, e_kj>`` with ``e_ij = (t_i - t_j) / ||t_i - t_j||``;
+      ``L_A = mean_{i,j,k} huber(psi_A^s, psi_A^t)``.
+
+    ``L = distance_weight * L_D + angle_weight * L_A`` with the paper's weights 25 and 50 as defaults.
+    ``huber`` is the smooth L1 loss with delta = 1, as in the paper.
+
+    Reduction: the paper writes sums over pairs/triplets; like the authors' code
+    (github.com/lenscloth/RKD) we take the mean over all B^2 (distance) and B^3 (angle) entries,
+    degenerate ones (i == j, which are 0 on both sides) included, so the paper's 25/50 weights,
+    which were tuned with that code, keep their meaning. Needs a batch of at least 2 examples.
+    """
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
+        super().__init__()
+        _check_nonneg("rkd", distance_weight=distance_weight, angle_weight=angle_weight)
+        self.distance_weight = distance_weight
+        self.angle_weight = angle_weight
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        _check_batch("rkd", student, teacher)
+        if student.shape[0] < 2:
+            raise ValueError(
+                f"rkd: needs a batch of at least 2 examples (it compares distances between examples), got {student.shape[0]}"
+            )
+        s, t = _flat(student), _flat(teacher)
+        loss = s.new_zeros(())
+        if self.distance_weight:
+            loss = loss + self.distance_weight * F.smooth_l1_loss(_rkd_distances(s), _rkd_distances(t), beta=1.0)
+        if self.angle_weight:
+            loss = loss + self.angle_weight * F.smooth_l1_loss(_rkd_angles(s), _rkd_angles(t), beta=1.0)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# SP
+# ----------------------------------------------------------------------------------------------
+
+
+def _sp_similarity(x: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, B]: Gram matrix of the flattened features with each row L2-normalised."""
+    a = _flat(x)
+    return F.normalize(a @ a.t(), p=2, dim=1)
+
+
+@register_loss(
+    "sp",
+    description="Similarity-Preserving KD: match row-normalised BxB similarity (Gram) matrices of student and teacher",
+    paper="Similarity-Preserving Knowledge Distillation (Tung, Mori), ICCV 2019, arXiv:1907.09682",
+    year=2019,
+    reads="relations",
+    same_shape=False,
+    multi_layer=True,
+)
+class SPLoss(nn.Module):
+    """Similarity-Preserving KD.
+
+    For a layer pair, ``A`` is the feature reshaped to [B, C*H*W] (any shape, flattened per example),
+    ``G = A A^T`` and ``G~ = G / ||G[i, :]||_2`` row by row. The loss is
+
+        ``L = 1/B^2 * ||G~_T - G~_S||_F^2``,
+
+    summed over the (student, teacher) layer pairs when lists of taps are given (the paper's sum
+    over pairs in I; its gamma is the term weight). Same as the paper and RepDistiller.
+    """
+
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, student, teacher) -> torch.Tensor:
+        s_list, t_list = _check_pairs("sp", student, teacher)
+        loss = s_list[0].new_zeros((), dtype=torch.float32)
+        for s, t in zip(s_list, t_list):
+            b = s.shape[0]
+            loss = loss + (_sp_similarity(t) - _sp_similarity(s)).pow(2).sum() / (b * b)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# VID
+# ----------------------------------------------------------------------------------------------
+
+
+def _channels(shape: torch.Size) -> int:
+    """Channel axis size: dim 1 of [B, C, H, W], the last dim of [B, D] and [B, T, D]."""
+    return shape[1] if len(shape) == 4 else shape[-1]
+
+
+@register_loss(
+    "vid",
+    description="Variational Information Distillation: Gaussian NLL of teacher features under a regressor of student features",
+    paper="Variational Information Distillation for Knowledge Transfer (Ahn, Hu, Damianou, Lawrence, Dai), CVPR 2019, arXiv:1904.05835",
+    year=2019,
+    reads="features",
+    same_shape=False,
+    trainable=True,
+)
+class VIDLoss(nn.Module):
+    """Variational Information Distillation.
+
+    The teacher feature t is modelled as Gaussian given the student feature s: mean ``mu(s)`` from a
+    regressor, per-channel variance ``sigma_c^2 = softplus(alpha_c) + eps``. The loss is the
+    negative log-likelihood (without the constant ``log(2 pi) / 2``)
+
+        ``L = mean_{b,c,positions} [ (t - mu(s))^2 / (2 sigma_c^2) + log(sigma_c^2) / 2 ]``.
+
+    Regressor, built by ``configure`` from the shapes: for [B, C, H, W] features three 1x1
+    convolutions with ReLUs between (C_s -> mid -> mid -> C_t, no bias), as in the paper and
+    RepDistiller; for [B, D] and [B, T, D] the same with linear layers on the last dim.
+    ``mid_channels`` defaults to the teacher's channels (RepDistiller's choice). ``alpha`` starts at
+    ``log(exp(init_pred_var - eps) - 1)`` so the initial variance is ``init_pred_var`` (5.0).
+
+    Reduction: mean over every element (batch, channels, positions), as in RepDistiller and the
+    authors' code; the paper writes the sum over channels and positions (i.e. ours times C*H*W).
+    Spatial (or token) sizes that differ are average-pooled: whichever feature is larger is pooled
+    to the smaller size, per axis (RepDistiller pools the same way). Works with batch size 1.
+    """
+
+    def __init__(self, init_pred_var: float = 5.0, eps: float = 1e-5, mid_channels: int | None = None):
+        super().__init__()
+        if eps <= 0:
+            raise ValueError(f"vid: eps must be > 0, got {eps}")
+        if init_pred_var <= eps:
+            raise ValueError(f"vid: init_pred_var must be > eps ({eps}), got {init_pred_var}")
+        if mid_channels is not None and (not isinstance(mid_channels, int) or mid_channels <= 0):
+            raise ValueError(f"vid: mid_channels must be a positive int or None, got {mid_channels!r}")
+        self.init_pred_var = init_pred_var
+        self.eps = eps
+        self.mid_channels = mid_channels
+        self.regressor: nn.Module | None = None
+        self.alpha: nn.Parameter | None = None
+        self._shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    def configure(self, student_shape, teacher_shape) -> None:
+        s, t = torch.Size(student_shape), torch.Size(teacher_shape)
+        if len(s) != len(t) or len(s) not in (2, 3, 4):
+            raise ValueError(
+                f"vid: student {tuple(s)} and teacher {tuple(t)} features must both be [B, D], [B, T, D] or "
+                "[B, C, H, W]; tap layers of the same kind or add an adapter"
+            )
+        c_s, c_t = _channels(s), _channels(t)
+        mid = self.mid_channels or c_t
+        if len(s) == 4:
+            def layer(i, o):
+                return nn.Conv2d(i, o, kernel_size=1, bias=False)
+        else:
+            def layer(i, o):
+                return nn.Linear(i, o, bias=False)
+        self.regressor = nn.Sequential(layer(c_s, mid), nn.ReLU(), layer(mid, mid), nn.ReLU(), layer(mid, c_t))
+        alpha0 = math.log(math.expm1(self.init_pred_var - self.eps))
+        self.alpha = nn.Parameter(torch.full((c_t,), alpha0))
+        self._shapes = (tuple(s[1:]), tuple(t[1:]))
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.regressor is None:
+            raise RuntimeError(
+                "vid: configure(student_shape, teacher_shape) must be called first to build the regressor "
+                "(the trainer does this after its dry-run forward)"
+            )
+        _check_batch("vid", student, teacher)
+        c_s, c_t = self.regressor[0].in_features if isinstance(self.regressor[0], nn.Linear) else self.regressor[0].in_channels, self.alpha.numel()
+        if student.dim() != len(self._shapes[0]) + 1 or teacher.dim() != student.dim():
+            raise ValueError(f"vid: configured for features of rank {len(self._shapes[0]) + 1}, got student "
+                             f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}")
+        if _channels(student.shape) != c_s or _channels(teacher.shape) != c_t:
+            raise ValueError(
+                f"vid: configured for {c_s} student and {c_t} teacher channels, got student {tuple(student.shape)} "
+                f"and teacher {tuple(teacher.shape)}"
+            )
+        s, t = _pool_to_smaller(student.float(), teacher.float())
+        weight = self.regressor[0].weight
+        if s.dim() == 4:
+            mean = self.regressor(s.to(weight.dtype)).float()  # [B, C_t, H, W]
+            var = (F.softplus(self.alpha.float()) + self.eps).view(1, -1, 1, 1)
+        else:
+            mean = self.regressor(s.to(weight.dtype)).float()  # [B, (T,) C_t]
+            var = F.softplus(self.alpha.float()) + self.eps
+        nll = 0.5 * ((mean - t).pow(2) / var + torch.log(var))
+        return nll.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# CC
+# ----------------------------------------------------------------------------------------------
+
+
+def _cc_correlation(z: torch.Tensor, gamma: float, p_order: int) -> torch.Tensor:
+    """[B, D] unit vectors -> [B, B]: P-order Taylor expansion of the Gaussian RBF exp(-gamma ||z_i - z_j||^2).
+
+    For unit vectors ||z_i - z_j||^2 = 2 - 2 z_i.z_j, so k = exp(-2 gamma) * sum_p (2 gamma z_i.z_j)^p / p!.
+    """
+    sim = z @ z.t()
+    corr = torch.zeros_like(sim)
+    for p in range(p_order + 1):
+        corr = corr + (2 * gamma) ** p / math.factorial(p) * sim.pow(p)
+    return math.exp(-2 * gamma) * corr
+
+
+@register_loss(
+    "cc",
+    description="Correlation Congruence: match BxB Gaussian-RBF (Taylor-expanded) correlations of embedded features",
+    paper="Correlation Congruence for Knowledge Distillation (Peng et al.), ICCV 2019, arXiv:1904.01802",
+    year=2019,
+    reads="relations",
+    same_shape=False,
+    trainable=True,
+)
+class CCLoss(nn.Module):
+    """Correlation Congruence.
+
+    Features are flattened, mapped by a trainable linear embedding head per network to
+    ``embed_dim`` (128) and L2-normalised (``z``). The correlation matrix is the Gaussian RBF kernel
+    ``exp(-gamma ||z_i - z_j||^2)`` approximated by its P-order Taylor expansion (gamma=0.4, P=2,
+    the paper's choice), and
+
+        ``L = 1/B^2 * ||psi(Z_T) - psi(Z_S)||_F^2``   (squared distance, as in the paper).
+
+    The heads follow RepDistiller's setup (student and teacher linear embeddings, both trained with
+    the student); ``embed_dim=None`` uses the L2-normalised flattened features directly (the
+    correlation is BxB, so dims need not match; this is Knowledge-Distillation-Zoo's variant).
+    Caveat: the teacher head is trained by this loss only, so with the heads the teacher side is
+    itself learnt; use ``embed_dim=None`` if you want a fixed teacher target.
+    Reference differences: RepDistiller's "CC" is a different (emailed) formula and torchdistill
+    uses the unsquared distance; we follow the paper.
+    """
+
+    def __init__(self, gamma: float = 0.4, p_order: int = 2, embed_dim: int | None = 128):
+        super().__init__()
+        if gamma <= 0:
+            raise ValueError(f"cc: gamma must be > 0, got {gamma}")
+        if not isinstance(p_order, int) or p_order < 0:
+            raise ValueError(f"cc: p_order must be an int >= 0, got {p_order!r}")
+        if embed_dim is not None and (not isinstance(embed_dim, int) or embed_dim <= 0):
+            raise ValueError(f"cc: embed_dim must be a positive int or None, got {embed_dim!r}")
+        self.gamma = gamma
+        self.p_order = p_order
+        self.embed_dim = embed_dim
+        self.student_embed: nn.Linear | None = None
+        self.teacher_embed: nn.Linear | None = None
+
+    def configure(self, student_shape, teacher_shape) -> None:
+        if self.embed_dim is None:
+            return
+        d_s = math.prod(torch.Size(student_shape)[1:])
+        d_t = math.prod(torch.Size(teacher_shape)[1:])
+        self.student_embed = nn.Linear(d_s, self.embed_dim)
+        self.teacher_embed = nn.Linear(d_t, self.embed_dim)
+
+    def _embed(self, head: nn.Linear | None, x: torch.Tensor) -> torch.Tensor:
+        v = _flat(x)
+        if head is not None:
+            if v.shape[1] != head.in_features:
+                raise ValueError(f"cc: embedding head expects {head.in_features} features per example, got {tuple(x.shape)}")
+            v = head(v.to(head.weight.dtype)).float()
+        return F.normalize(v, p=2, dim=1)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.embed_dim is not None and self.student_embed is None:
+            raise RuntimeError(
+                "cc: configure(student_shape, teacher_shape) must be called first to build the embedding heads "
+                "(or pass embed_dim=None to correlate the features directly)"
+            )
+        _check_batch("cc", student, teacher)
+        k_s = _cc_correlation(self._embed(self.student_embed, student), self.gamma, self.p_order)
+        k_t = _cc_correlation(self._embed(self.teacher_embed, teacher), self.gamma, self.p_order)
+        b = student.shape[0]
+        return (k_t - k_s).pow(2).sum() / (b * b)
+
+
+# ----------------------------------------------------------------------------------------------
+# IRG
+# ----------------------------------------------------------------------------------------------
+
+
+def _irg_vectors(x: torch.Tensor) -> torch.Tensor:
+    """Instance features: [B, C, H, W] maps are global-average-pooled (as in the authors' code); others flattened."""
+    x = x.float()
+    if x.dim() == 4:
+        return x.mean(dim=(2, 3))
+    return x.reshape(x.shape[0], -1)
+
+
+def _max_normalise(x: torch.Tensor) -> torch.Tensor:
+    """Divide by the maximum entry, treated as a constant (the authors' Caffe layers do not backpropagate through it)."""
+    return x / x.detach().max().clamp_min(1e-12)
+
+
+def _irg_edges(v: torch.Tensor) -> torch.Tensor:
+    """[B, D] -> [B, B] squared Euclidean distances between instances, divided by their maximum."""
+    return _max_normalise((v.unsqueeze(1) - v.unsqueeze(0)).pow(2).sum(-1))
+
+
+@register_loss(
+    "irg",
+    description="Instance Relationship Graph: instance features (vertices), pairwise distances (edges) and their change across layers",
+    paper="Knowledge Distillation via Instance Relationship Graph (Liu et al.), CVPR 2019",
+    year=2019,
+    reads="relations",
+    same_shape=False,
+    multi_layer=True,
+)
+class IRGLoss(nn.Module):
+    """Instance Relationship Graph distillation.
+
+    Taps: a tensor or a list of L tensors per network (layer l of the student pairs with layer l of
+    the teacher). [B, C, H, W] maps are global-average-pooled to instance vectors (the authors'
+    Caffe code does this); other shapes are flattened. With ``v^l`` the instance vectors of layer l:
+
+    * edge (all layers): ``A^l(i, j) = ||v_i^l - v_j^l||^2 / max`` (squared distances divided by the
+      batch maximum); ``L_E = mean_l mean_{i,j} (A_T^l(i, j) - A_S^l(i, j))^2``.
+    * vertex (last tap only, the paper applies it at the logits, where dims agree):
+      ``L_V = mean_{i,d} (v_T(i, d) - v_S(i, d))^2``; needs equal student/teacher shapes there.
+    * transformation (IRG-t, pairs of taps of the same network): the vertex transformation
+      ``Lambda(i) = ||v_i^a - v_i^b||^2 / max``; ``L_T = mean_pairs mean_i (Lambda_T(i) - Lambda_S(i))^2``.
+      Pairs default to consecutive taps (0,1), (1,2), ...; ``transform_pairs=[[a, b], ...]`` picks
+      others. Both taps of a pair must have the same instance dim within each network.
+
+    ``L = vertex_weight * L_V + edge_weight * L_E + transform_weight * L_T``.
+
+    What is pinned and what is not: vertex/edge/transformation and the max-normalisation follow
+    the paper and the authors' Caffe code (github.com/yufanLIU/IRG: BatchEuclideanMap /
+    BatchEuclideanVector layers, which treat the max as a constant in backward; we do too). The
+    paper's edge transformation (difference of edge matrices across layers) is not implemented:
+    the authors' released code uses only the vertex transformation. The paper's lambdas could not
+    be verified here, so the defaults (0.1, 5, 5) and the mean reductions are those of
+    Knowledge-Distillation-Zoo's IRG; the authors' Caffe prototxt instead uses a Euclidean loss
+    (sum / 2B) with weight 0.005 per edge/transformation term. Works for batch size 1 (edge and
+    transformation terms are then 0).
+    """
+
+    def __init__(
+        self,
+        vertex_weight: float = 0.1,
+        edge_weight: float = 5.0,
+        transform_weight: float = 5.0,
+        transform_pairs: list[list[int]] | None = None,
+    ):
+        super().__init__()
+        _check_nonneg("irg", vertex_weight=vertex_weight, edge_weight=edge_weight, transform_weight=transform_weight)
+        if transform_pairs is not None:
+            pairs = []
+            for pair in transform_pairs:
+                if (
+                    not isinstance(pair, (list, tuple))
+                    or len(pair) != 2
+                    or not all(isinstance(i, int) and i >= 0 for i in pair)
+                    or pair[0] == pair[1]
+                ):
+                    raise ValueError(
+                        f"irg: transform_pairs must be a list of [a, b] pairs of distinct tap indices >= 0, got {transform_pairs!r}"
+                    )
+                pairs.append((pair[0], pair[1]))
+            transform_pairs = pairs
+        self.vertex_weight = vertex_weight
+        self.edge_weight = edge_weight
+        self.transform_weight = transform_weight
+        self.transform_pairs = transform_pairs
+
+    def forward(self, student, teacher) -> torch.Tensor:
+        s_list, t_list = _check_pairs("irg", student, teacher)
+        s_vec = [_irg_vectors(x) for x in s_list]
+        t_vec = [_irg_vectors(x) for x in t_list]
+        loss = s_vec[0].new_zeros(())
+
+        if self.vertex_weight:
+            vs, vt = s_vec[-1], t_vec[-1]
+            if vs.shape != vt.shape:
+                raise ValueError(
+                    f"irg: the vertex loss compares the last tap directly, but student {tuple(s_list[-1].shape)} and "
+                    f"teacher {tuple(t_list[-1].shape)} differ; make the last tap the logits (or equal-sized features), "
+                    "add an adapter, or set vertex_weight: 0"
+                )
+            loss = loss + self.vertex_weight * (vt - vs).pow(2).mean()
+
+        if self.edge_weight:
+            edge = sum((_irg_edges(vt) - _irg_edges(vs)).pow(2).mean() for vs, vt in zip(s_vec, t_vec))
+            loss = loss + self.edge_weight * edge / len(s_vec)
+
+        n = len(s_vec)
+        pairs = self.transform_pairs if self.transform_pairs is not None else [(i, i + 1) for i in range(n - 1)]
+        if self.transform_weight and pairs:
+            terms = []
+            for a, b in pairs:
+                if a >= n or b >= n:
+                    raise ValueError(f"irg: transform pair ({a}, {b}) refers to a tap index >= the number of taps ({n})")
+                for side, vecs in (("student", s_vec), ("teacher", t_vec)):
+                    if vecs[a].shape != vecs[b].shape:
+                        raise ValueError(
+                            f"irg: the transformation between taps {a} and {b} needs equal instance dims within each "
+                            f"network, but the {side}'s are {vecs[a].shape[1]} and {vecs[b].shape[1]}; pick pairs of "
+                            "same-width layers with transform_pairs: [[a, b], ...] or set transform_weight: 0"
+                        )
+                lam_s = _max_normalise((s_vec[a] - s_vec[b]).pow(2).sum(-1))  # [B]
+                lam_t = _max_normalise((t_vec[a] - t_vec[b]).pow(2).sum(-1))  # [B]
+                terms.append((lam_t - lam_s).pow(2).mean())
+            loss = loss + self.transform_weight * sum(terms) / len(terms)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# FSP
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsp_matrix(a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
+    """FSP (Gram) matrix between two layers of one network: [B, C1, C2] = F1^T F2 / (h * w).
+
+    [B, C, H, W] maps; [B, T, D] sequences use the T tokens as positions. The larger of the two
+    is average-pooled to the smaller positional size first.
+    """
+    if a.dim() != b.dim() or a.dim() not in (3, 4):
+        raise ValueError(
+            f"{name}: both layers of a pair must be [B, C, H, W] maps or [B, T, D] sequences, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    a, b = _pool_to_smaller(a.float(), b.float())
+    if a.dim() == 4:
+        a, b = a.flatten(2), b.flatten(2)  # [B, C, P]
+    else:
+        a, b = a.transpose(1, 2), b.transpose(1, 2)  # [B, D, T]
+    return a @ b.transpose(1, 2) / a.shape[2]
+
+
+@register_loss(
+    "fsp",
+    description="Flow of Solution Procedure: match FSP (Gram) matrices between pairs of layers of student and teacher",
+    paper="A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and Transfer Learning (Yim, Joo, Bae, Kim), CVPR 2017",
+    year=2017,
+    reads="relations",
+    same_shape=False,
+    multi_layer=True,
+)
+class FSPLoss(nn.Module):
+    """Flow of Solution Procedure (FSP) matrices.
+
+    Tap convention: each side gives a list of 2k tensors forming k consecutive pairs
+    ``[a_1, b_1, a_2, b_2, ...]`` (a_i an earlier layer, b_i a later one of the same network); student
+    pair i is compared with teacher pair i. For a pair, ``G(i, j) = sum_{h,w} F1(h, w, i) F2(h, w, j) / (h * w)``
+    ([B, C1, C2]; the larger map is average-pooled to the smaller size first), and
+
+        ``L = sum_pairs mean_b ||G_T - G_S||_2^2``
+
+    (squared L2 summed over the C1*C2 entries, averaged over the batch, the paper's equal lambda_i).
+    The FSP matrices must have the same size, so student and teacher pairs need the same channel
+    counts (an error says which differ; put an adapter on the student taps, or pick matching layers).
+    [B, T, D] hidden states are accepted with tokens as positions.
+
+    Reference difference: RepDistiller chains consecutive taps (1-2, 2-3, ...) and averages over the
+    C1*C2 entries too (its value is ours / (C1*C2) per pair); we follow the paper's sum over entries.
+    """
+
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, student, teacher) -> torch.Tensor:
+        s_list, t_list = as_list(student), as_list(teacher)
+        for side, taps in (("student", s_list), ("teacher", t_list)):
+            if len(taps) < 2 or len(taps) % 2:
+                raise ValueError(
+                    f"fsp: the {side} taps must be a list of 2k layers forming k pairs [a_1, b_1, a_2, b_2, ...], "
+                    f"got {len(taps)} tensor(s)"
+                )
+        if len(s_list) != len(t_list):
+            raise ValueError(f"fsp: {len(s_list) // 2} student pair(s) but {len(t_list) // 2} teacher pair(s); give the same number")
+        loss = s_list[0].new_zeros((), dtype=torch.float32)
+        for k in range(0, len(s_list), 2):
+            sa, sb, ta, tb = s_list[k], s_list[k + 1], t_list[k], t_list[k + 1]
+            for s, t in ((sa, sb), (ta, tb)):
+                _check_batch("fsp", s, t)
+            _check_batch("fsp", sa, ta)
+            s_ch = (_channels(sa.shape), _channels(sb.shape))
+            t_ch = (_channels(ta.shape), _channels(tb.shape))
+            if s_ch != t_ch:
+                raise ValueError(
+                    f"fsp: pair {k // 2} has student channels {s_ch} but teacher channels {t_ch}; FSP matrices must be "
+                    "the same size, so add an adapter to the student taps (or choose layers with matching channels)"
+                )
+            g_s = _fsp_matrix(sa, sb, "fsp")
+            g_t = _fsp_matrix(ta, tb, "fsp")
+            loss = loss + (g_t - g_s).pow(2).sum(dim=(1, 2)).mean()
+        return loss
