@@ -78,6 +78,31 @@ class ModelSpec:
     revision: Union[str, None] = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)"})
     dtype: Union[str, None] = field(default=None, metadata={"help": "float32, bfloat16 or float16"})
     kwargs: dict = field(default_factory=dict, metadata={"help": "extra keyword arguments for the model constructor"})
+    config: Union[dict, None] = field(
+        default=None,
+        metadata={"help": "transformers config fields: with a model type as `name` (`bert`) builds a fresh model "
+                  "from this config; with a model id or folder, overrides fields of its config (`num_hidden_layers`)"},
+    )
+    tokenizer: Union[str, None] = field(
+        default=None, metadata={"help": "tokenizer id or folder (default: the model's own; required for `config` models)"}
+    )
+    image_size: Union[int, None] = field(
+        default=None, metadata={"help": "input resolution of this model (default: data.image_size, else its own config)"}
+    )
+    train_from: Union["ModelSpec", None] = field(
+        default=None,
+        metadata={"help": "teacher only: when the `name` folder does not exist yet, train this model on the data "
+                  "first (no teacher, no terms) and save it there"},
+    )
+    train_args: dict = field(
+        default_factory=dict,
+        metadata={"help": "teacher only: training arguments for `train_from`, on top of the recipe's `training`"},
+    )
+    baseline: bool = field(
+        default=False,
+        metadata={"help": "student only: also train the same student without the teacher, with the same data and "
+                  "arguments, and compare both in the summary"},
+    )
 
 
 @dataclass
@@ -103,6 +128,12 @@ class DataSpec:
     max_length: int = field(default=128, metadata={"help": "maximum tokens per text example"})
     max_train_samples: Union[int, None] = field(default=None, metadata={"help": "use at most this many examples"})
     max_eval_samples: Union[int, None] = field(default=None, metadata={"help": "evaluate on at most this many"})
+    augment: str = field(
+        default="auto",
+        metadata={"help": "training augmentation of images: none, crop (pad and random crop), crop_flip (and "
+                  "horizontal flips), rrc_flip (random resized crop and flips, ImageNet style); auto: the source's "
+                  "default (crop for digits, crop_flip otherwise)"},
+    )
     options: dict = field(default_factory=dict, metadata={"help": "source-specific options (e.g. topics)"})
 
 

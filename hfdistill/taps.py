@@ -212,7 +212,10 @@ class ModelTaps:
                     f"{self.role} tap {text!r}: module {self.taps[text].path!r} exists but did not run in the "
                     f"{self.role}'s forward pass; pick a module on the forward path"
                 )
-            features[text] = self._store[text]
+            value = self._store[text]
+            if self.taps[text].path in HEAD_TAPS and value.dim() == 4 and value.shape[-2:] == (1, 1):
+                value = value.flatten(1)  # a head that flattens itself (transformers ResNet): pooled is [B, D]
+            features[text] = value
         for tap in self._outputs:
             try:
                 features[tap.text] = read_output(outputs, tap.path)

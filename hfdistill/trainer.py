@@ -9,7 +9,6 @@ reads taps of both models. Adapters and trainable loss state live next to the st
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, TimmWrapperImageProcessor, Trainer
 from transformers.trainer_utils import EvalPrediction, PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
@@ -37,6 +36,8 @@ DISTILL_STATE_NAME = "distill_state.safetensors"
 TEACHER_INPUT_PREFIX = "teacher_"
 # Trainer-supplied values a loss may ask for besides batch fields.
 PROGRESS_FIELDS = ("epoch", "step")
+# Batch fields a loss handles being absent (image batches have no attention mask): passed as None.
+OPTIONAL_FIELDS = ("attention_mask",)
 
 
 class DistillationError(ValueError):
@@ -105,7 +106,16 @@ class DistillationModel(nn.Module):
     def main_input_name(self) -> str:
         return getattr(self.student, "main_input_name", "input_ids")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    # Checkpointing is the student's business: pass the Trainer's request through unchanged.
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        if hasattr(self.student, "activation_checkpointing_enable"):
+            self.student.activation_checkpointing_enable(**kwargs)
+        else:
+            self.student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=kwargs.get("activation_checkpointing_kwargs")
+            )
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
@@ -201,7 +211,23 @@ class DistillationTrainer(Trainer):
                 f"the student must be a transformers PreTrainedModel or a timm model, got {type(model).__name__}"
             )
         self.student = student
+        if is_timm_model(model) and kwargs.get("processing_class") is None:
+            # The saved folder must run in pipeline(): derive the image processor from the timm pretrained_cfg.
+            kwargs["processing_class"] = TimmWrapperImageProcessor(
+                pretrained_cfg=student.config.pretrained_cfg, architecture=student.config.architecture
+            )
+        output_dir_existed = os.path.exists(args.output_dir)
         super().__init__(model=DistillationModel(student, tap_root), args=args, **kwargs)
+        try:
+            self._setup_distillation(teacher, teacher_inputs, tap_root)
+        except Exception:
+            # Bad input must leave nothing behind: drop the output folder the Trainer just made, if still empty.
+            if not output_dir_existed and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
+                os.rmdir(args.output_dir)
+            raise
+
+    def _setup_distillation(self, teacher: nn.Module | None, teacher_inputs, tap_root: nn.Module) -> None:
+        student = self.student
         # Our compute_loss returns per-micro-batch means; the Trainer divides them by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -408,6 +434,8 @@ class DistillationTrainer(Trainer):
                 values[name] = int(self.state.global_step)
             elif name in inputs:
                 values[name] = inputs[name]
+            elif name in OPTIONAL_FIELDS:
+                values[name] = None
             else:
                 raise DistillationError(
                     f"a loss needs the batch field {name!r}, which the batch does not have "
@@ -444,13 +472,15 @@ class DistillationTrainer(Trainer):
         loss = outputs.get("loss") if isinstance(outputs, dict) else None
         if loss is not None:
             return loss
+        # DeiT with a distillation token: the class-token head alone learns the labels (its `logits` average both heads).
+        logits_key = "cls_logits" if isinstance(outputs, dict) and outputs.get("cls_logits") is not None else "logits"
         labels = next((inputs[name] for name in self.label_names if name in inputs), None)
         if labels is None:
             raise DistillationError(
                 "the student returned no loss and the batch has no labels; give the dataset a `labels` column "
                 "or set task_weight: 0 to train on the distillation terms alone"
             )
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs
+        logits = outputs[logits_key] if isinstance(outputs, dict) else outputs
         return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
 
     # ---------------------------------------------------------------- logging
@@ -568,24 +598,18 @@ class DistillationTrainer(Trainer):
 
 
 def load_student_weights(student: PreTrainedModel, folder: str) -> None:
-    """Load a student's weights saved by ``save_pretrained`` (single file or sharded) into ``student``."""
-    single = os.path.join(folder, SAFE_WEIGHTS_NAME)
-    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
-    if os.path.isfile(single):
-        state = safetensors.torch.load_file(single)
-    elif os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(safetensors.torch.load_file(os.path.join(folder, shard)))
-    else:
+    """Load the student weights that ``save_pretrained`` wrote to ``folder`` into ``student`` in place.
+
+    Goes through ``from_pretrained`` because transformers v5 renames weights between the
+    in-memory model and the files (``vit.layers.0.attention.q_proj`` vs ``...attention.query``);
+    only its loader knows the mapping.
+    """
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
         raise DistillationError(f"no student weights ({SAFE_WEIGHTS_NAME}) in checkpoint folder {folder}")
-    result = student.load_state_dict(state, strict=False)
-    tied = getattr(student, "_tied_weights_keys", None) or []
-    tied = set(tied.keys() if isinstance(tied, dict) else tied)
-    missing = [k for k in result.missing_keys if k not in tied and not any(k.endswith(t) for t in tied)]
-    if missing or result.unexpected_keys:
+    reloaded = type(student).from_pretrained(folder, device_map=None)
+    result = student.load_state_dict(reloaded.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
         raise DistillationError(
-            f"checkpoint {folder} does not fit the student: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            f"checkpoint {folder} does not fit the student: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
         )

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_loss
-
-import math
-
-from .registry import as_list
+from .registry import as_list, register_loss
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers. Every loss below computes in float32 (teacher outputs may be bf16/fp16).
@@ -300,7 +298,7 @@ class VIDLoss(nn.Module):
         self.mid_channels = mid_channels
         self.regressor: nn.Module | None = None
         self.alpha: nn.Parameter | None = None
-        self._shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self._config: tuple[int, int, int] | None = None
 
     def configure(self, student_shape, teacher_shape) -> None:
         s, t = torch.Size(student_shape), torch.Size(teacher_shape)
@@ -320,7 +318,7 @@ class VIDLoss(nn.Module):
         self.regressor = nn.Sequential(layer(c_s, mid), nn.ReLU(), layer(mid, mid), nn.ReLU(), layer(mid, c_t))
         alpha0 = math.log(math.expm1(self.init_pred_var - self.eps))
         self.alpha = nn.Parameter(torch.full((c_t,), alpha0))
-        self._shapes = (tuple(s[1:]), tuple(t[1:]))
+        self._config = (len(s), c_s, c_t)  # rank, student channels, teacher channels
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if self.regressor is None:
@@ -329,23 +327,21 @@ class VIDLoss(nn.Module):
                 "(the trainer does this after its dry-run forward)"
             )
         _check_batch("vid", student, teacher)
-        c_s, c_t = self.regressor[0].in_features if isinstance(self.regressor[0], nn.Linear) else self.regressor[0].in_channels, self.alpha.numel()
-        if student.dim() != len(self._shapes[0]) + 1 or teacher.dim() != student.dim():
-            raise ValueError(f"vid: configured for features of rank {len(self._shapes[0]) + 1}, got student "
-                             f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}")
+        rank, c_s, c_t = self._config
+        if student.dim() != rank or teacher.dim() != rank:
+            raise ValueError(
+                f"vid: configured for rank-{rank} features, got student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
+            )
         if _channels(student.shape) != c_s or _channels(teacher.shape) != c_t:
             raise ValueError(
                 f"vid: configured for {c_s} student and {c_t} teacher channels, got student {tuple(student.shape)} "
                 f"and teacher {tuple(teacher.shape)}"
             )
         s, t = _pool_to_smaller(student.float(), teacher.float())
-        weight = self.regressor[0].weight
+        mean = self.regressor(s.to(self.regressor[0].weight.dtype)).float()  # [B, C_t, H, W] or [B, (T,) C_t]
+        var = F.softplus(self.alpha.float()) + self.eps  # [C_t]
         if s.dim() == 4:
-            mean = self.regressor(s.to(weight.dtype)).float()  # [B, C_t, H, W]
-            var = (F.softplus(self.alpha.float()) + self.eps).view(1, -1, 1, 1)
-        else:
-            mean = self.regressor(s.to(weight.dtype)).float()  # [B, (T,) C_t]
-            var = F.softplus(self.alpha.float()) + self.eps
+            var = var.view(1, -1, 1, 1)
         nll = 0.5 * ((mean - t).pow(2) / var + torch.log(var))
         return nll.mean()
 

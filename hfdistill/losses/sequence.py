@@ -375,7 +375,7 @@ class AttentionMSE(nn.Module):
                 term = sq.flatten(1).mean(1).mean()
             else:
                 pair = mask[:, None, :, None] * mask[:, None, None, :]  # [B, 1, T, T]
-                count = pair.flatten(1).sum(1).clamp_min(1.0)
+                count = pair.flatten(1).sum(1).clamp_min(1.0) * s.shape[1]
                 term = ((sq * pair).flatten(1).sum(1) / count).mean()
             total = term if total is None else total + term
         return total
@@ -507,7 +507,9 @@ class DeiTLoss(nn.Module):
     ``1/2 CE(Z_cls, y) + 1/2 CE(Z_dist, y_t)`` (hard) or ``(1 - lambda) CE(Z_cls, y) + lambda * soft``
     (soft, lambda = 0.1), i.e. the task term on ``cls_logits`` with weight 1/2 (or 1 - lambda) and this
     term with weight 1/2 (or lambda). ``DeiTForImageClassificationWithTeacher.forward`` takes no
-    labels, so the trainer's task cross-entropy must be computed on its ``cls_logits`` output.
+    labels and returns no loss, so the task cross-entropy has to be computed on its ``cls_logits``
+    output; a cross-entropy on its ``logits`` (the average of both heads) would also push the
+    distillation head towards the true labels, which the paper does not do.
     At test time the paper averages the two heads (the model's ``logits``).
 
     Reference code (facebookresearch/deit ``DistillationLoss``) differs in soft mode: it divides the

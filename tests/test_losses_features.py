@@ -1,0 +1,664 @@
+"""Feature-based losses (hfdistill/losses/features.py): values against the papers' formulas written
+out independently here, plus properties (zero at a match, gradients, large inputs, batch size 1,
+parameter validation)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hfdistill import losses
+from hfdistill.losses.features import _hcl, ofd_margin_from_bn
+
+FEATURE_METHODS = ["mse", "cosine", "at", "nst", "ft", "ofd", "afd", "kr", "srd", "ickd", "cwd"]
+
+
+def _bn_train(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
+    """BatchNorm in training mode written out: batch mean, biased variance, per feature (dim 1)."""
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.view(shape) + bias.view(shape)
+    return y
+
+
+def _params_have_grad(module: nn.Module) -> list[str]:
+    """Names of trainable parameters that received no (or an all-zero) gradient."""
+    return [n for n, p in module.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FEATURE_METHODS)
+def test_registered_with_paper(name):
+    info = losses.get_info(name)
+    assert info.reads == "features"
+    assert "arXiv:" in info.paper and info.description
+    assert info.default_tap is None
+
+
+def test_registry_flags_and_aliases():
+    flags = {n: losses.get_info(n) for n in FEATURE_METHODS}
+    assert {n for n, i in flags.items() if i.trainable} == {"ft", "ofd", "afd", "kr", "srd", "ickd"}
+    assert {n for n, i in flags.items() if i.multi_layer} == {"at", "afd", "kr"}
+    assert {n for n, i in flags.items() if i.same_shape} == {"mse", "cosine", "cwd"}
+    assert flags["kr"].fields == ("epoch",)
+    assert losses.get_info("fitnet").cls is flags["mse"].cls
+    assert losses.get_info("reviewkd").cls is flags["kr"].cls
+    assert losses.get_info("chsim").cls is flags["cwd"].cls
+    with pytest.raises(TypeError, match="temperature"):
+        losses.build("at", temperature=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# mse / fitnet
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mse_value_and_properties():
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    t = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    loss = losses.build("fitnet")(s, t)
+    assert loss.item() == pytest.approx((0 + 4 + 9 + 0) / 4)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    assert losses.build("mse")(x, x.detach()).item() == 0.0
+    y = torch.randn(2, 3, 4, 4)
+    losses.build("mse")(x, y).backward()
+    assert x.grad is not None and torch.any(x.grad != 0)
+    assert torch.isfinite(losses.build("mse")(x * 1e4, y)).item()
+    assert torch.isfinite(losses.build("mse")(x[:1], y[:1]))
+    assert losses.build("mse")(x, y.bfloat16()).dtype == torch.float32
+    with pytest.raises(ValueError, match="same shape"):
+        losses.build("mse")(x, torch.randn(2, 5, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# cosine
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cosine_hand_values():
+    cos = losses.build("cosine")
+    s = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    t = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    expected = ((1 - 0) + (1 - 1 / math.sqrt(2))) / 2
+    assert cos(s, t).item() == pytest.approx(expected, rel=1e-6)
+    # [B, T, D]: one cosine per token, over D
+    s3 = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    t3 = torch.tensor([[[-3.0, 0.0], [0.0, 5.0]]])
+    assert cos(s3, t3).item() == pytest.approx(((1 - -1) + (1 - 1)) / 2)
+
+
+def test_cosine_conv_maps_use_channel_vectors():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2)
+    total = 0.0
+    for b in range(2):
+        for i in range(2):
+            for j in range(2):
+                u, v = s[b, :, i, j], t[b, :, i, j]
+                total += 1 - float(u @ v) / float(u.norm() * v.norm())
+    assert losses.build("cosine")(s, t).item() == pytest.approx(total / 8, rel=1e-5)
+
+
+def test_cosine_properties():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    cos = losses.build("cosine")
+    assert cos(x, 3 * x.detach()).item() == pytest.approx(0.0, abs=1e-6)  # scale invariant
+    cos(x, torch.randn(2, 5, 8)).backward()
+    assert torch.any(x.grad != 0)
+    assert torch.isfinite(cos(x * 1e4, torch.randn(2, 5, 8)))
+    assert torch.isfinite(cos(torch.zeros(1, 2, 4), torch.randn(1, 2, 4)))
+    with pytest.raises(ValueError, match="eps"):
+        losses.build("cosine", eps=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# at
+# ---------------------------------------------------------------------------------------------
+
+
+def _at_reference(s_list, t_list, beta=1000.0, p=2.0):
+    total = 0.0
+    for s, t in zip(s_list, t_list):
+        qs = s.abs().pow(p).sum(1).reshape(s.shape[0], -1)  # paper: sum over channels
+        qt = t.abs().pow(p).sum(1).reshape(t.shape[0], -1)
+        qs = qs / qs.pow(2).sum(1, keepdim=True).sqrt()
+        qt = qt / qt.pow(2).sum(1, keepdim=True).sqrt()
+        total += ((qs - qt) ** 2).sum() / qs.numel()
+    return beta / 2 * total
+
+
+def test_at_value_multi_layer():
+    torch.manual_seed(0)
+    s = [torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)]
+    t = [torch.randn(2, 6, 4, 4), torch.randn(2, 7, 2, 2)]
+    loss = losses.build("at")(s, t)
+    assert loss.item() == pytest.approx(_at_reference(s, t), rel=1e-5)
+    loss_p3 = losses.build("at", p=3.0, beta=10.0)(s, t)
+    assert loss_p3.item() == pytest.approx(_at_reference(s, t, beta=10.0, p=3.0), rel=1e-5)
+    # a single layer can be passed as a tensor
+    assert losses.build("at")(s[0], t[0]).item() == pytest.approx(_at_reference(s[:1], t[:1]), rel=1e-5)
+
+
+def test_at_pools_larger_map():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)
+    expected = _at_reference([F.avg_pool2d(s, 2)], [t])
+    assert losses.build("at")([s], [t]).item() == pytest.approx(expected, rel=1e-5)
+    assert losses.build("at")([t], [s]).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_at_properties():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    at = losses.build("at")
+    assert at([x], [5 * x.detach()]).item() == pytest.approx(0.0, abs=1e-9)
+    at([x], [torch.randn(2, 8, 4, 4)]).backward()
+    assert torch.any(x.grad != 0)
+    assert torch.isfinite(at([x * 1e4], [torch.randn(2, 8, 4, 4)]))
+    assert torch.isfinite(at([x[:1]], [torch.randn(1, 8, 4, 4)]))
+    assert torch.isfinite(at([torch.randn(2, 6, 8)], [torch.randn(2, 6, 16)]))  # hidden states [B, T, D]
+    with pytest.raises(ValueError, match="p"):
+        losses.build("at", p=0)
+    with pytest.raises(ValueError, match="beta"):
+        losses.build("at", beta=-1)
+    with pytest.raises(ValueError, match="as many"):
+        at([x, x], [x])
+
+
+# ---------------------------------------------------------------------------------------------
+# nst
+# ---------------------------------------------------------------------------------------------
+
+
+def _nst_reference(s, t, d=2, c=0.0):
+    out = []
+    for b in range(s.shape[0]):
+        fs = [v / v.norm() for v in s[b].reshape(s.shape[1], -1)]
+        ft = [v / v.norm() for v in t[b].reshape(t.shape[1], -1)]
+        k = lambda x, y: (float(x @ y) + c) ** d  # noqa: E731
+        tt = sum(k(a, b_) for a in ft for b_ in ft) / len(ft) ** 2
+        ss = sum(k(a, b_) for a in fs for b_ in fs) / len(fs) ** 2
+        st = sum(k(a, b_) for a in fs for b_ in ft) / (len(fs) * len(ft))
+        out.append(tt + ss - 2 * st)
+    return sum(out) / len(out)
+
+
+def test_nst_value():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 2, 2), torch.randn(2, 4, 2, 2)
+    assert losses.build("nst")(s, t).item() == pytest.approx(_nst_reference(s, t), rel=1e-5)
+    assert losses.build("nst", d=3, c=0.5)(s, t).item() == pytest.approx(_nst_reference(s, t, 3, 0.5), rel=1e-5)
+
+
+def test_nst_linear_kernel_is_distance_of_means():
+    torch.manual_seed(0)
+    s, t = torch.randn(1, 3, 2, 3), torch.randn(1, 5, 2, 3)
+    mu_s = F.normalize(s.reshape(3, -1), dim=1).mean(0)
+    mu_t = F.normalize(t.reshape(5, -1), dim=1).mean(0)
+    assert losses.build("nst", d=1)(s, t).item() == pytest.approx(float((mu_s - mu_t).pow(2).sum()), rel=1e-5)
+
+
+def test_nst_properties():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    nst = losses.build("nst")
+    assert nst(x, 2 * x.detach()).item() == pytest.approx(0.0, abs=1e-6)
+    nst(x, torch.randn(2, 6, 8, 8)).backward()  # teacher map pooled to 4x4
+    assert torch.any(x.grad != 0)
+    assert torch.isfinite(nst(x * 1e4, torch.randn(2, 6, 4, 4)))
+    assert torch.isfinite(nst(x[:1], torch.randn(1, 6, 4, 4)))
+    for bad in ({"d": 0}, {"d": 1.5}, {"c": -1.0}):
+        with pytest.raises(ValueError, match="nst"):
+            losses.build("nst", **bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# ft
+# ---------------------------------------------------------------------------------------------
+
+
+def _ft_built(cs=3, ct=4, hw=4):
+    ft = losses.build("ft")
+    ft.configure(torch.Size([2, cs, hw, hw]), torch.Size([2, ct, hw, hw]))
+    return ft
+
+
+def test_ft_value_against_formula():
+    torch.manual_seed(0)
+    ft = _ft_built()
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4)
+    factor = ft.translator(s).detach()
+    assert factor.shape == (2, 4, 4, 4)
+    us = factor.reshape(2, -1)
+    ut = t.reshape(2, -1)
+    us = us / us.pow(2).sum(1, keepdim=True).sqrt()
+    ut = ut / ut.pow(2).sum(1, keepdim=True).sqrt()
+    expected_l1 = (us - ut).abs().sum(1).mean() / us.shape[1]
+    assert ft(s, t).item() == pytest.approx(float(expected_l1.detach()), rel=1e-5)
+    ft.p = 2.0
+    assert ft(s, t).item() == pytest.approx(float(((us - ut) ** 2).mean()), rel=1e-5)
+
+
+def test_ft_properties_and_gradients():
+    torch.manual_seed(0)
+    ft = _ft_built()
+    s = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = ft.translator(s).detach()
+    assert ft(s, 7 * target).item() == pytest.approx(0.0, abs=1e-6)  # matched factor (scale-free)
+    ft(s, torch.randn(2, 4, 4, 4)).backward()
+    assert torch.any(s.grad != 0)
+    assert _params_have_grad(ft.translator) == []
+    assert torch.isfinite(ft(s.detach() * 1e4, torch.randn(2, 4, 4, 4)))
+    assert torch.isfinite(ft(s.detach()[:1], torch.randn(1, 4, 4, 4)))
+    assert torch.isfinite(ft(torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)))  # student map pooled
+
+
+def test_ft_errors():
+    with pytest.raises(RuntimeError, match="configure"):
+        losses.build("ft")(torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="p"):
+        losses.build("ft", p=0)
+    with pytest.raises(ValueError, match="other shapes"):
+        _ft_built(ct=4)(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# ofd
+# ---------------------------------------------------------------------------------------------
+
+
+def _identity_connector(ofd, c):
+    with torch.no_grad():
+        ofd.connector[0].weight.copy_(torch.eye(c).view(c, c, 1, 1))
+    ofd.eval()  # connector BN uses running stats (mean 0, var 1): identity up to 1/sqrt(1 + eps)
+
+
+def test_ofd_partial_l2_by_hand():
+    ofd = losses.build("ofd", margin=-1.0)
+    ofd.configure(torch.Size([1, 2, 1, 1]), torch.Size([1, 2, 1, 1]))
+    _identity_connector(ofd, 2)
+    k = 1 / math.sqrt(1 + 1e-5)
+    t = torch.tensor([-2.0, 3.0]).view(1, 2, 1, 1)  # targets: max(-2, -1) = -1, 3
+    # student below a non-positive target: skipped; matched positive: 0
+    s = torch.tensor([-5.0, 3.0 / k]).view(1, 2, 1, 1)
+    assert ofd(s, t).item() == pytest.approx(0.0, abs=1e-9)
+    # student above the negative target: (target - student)^2 counts
+    s = torch.tensor([0.5 / k, 1.0 / k]).view(1, 2, 1, 1)
+    assert ofd(s, t).item() == pytest.approx((-1 - 0.5) ** 2 + (3 - 1) ** 2, rel=1e-5)
+
+
+def test_ofd_value_against_formula():
+    torch.manual_seed(0)
+    ofd = losses.build("ofd", margin=[-0.5, -1.0, -0.2])
+    ofd.configure(torch.Size([2, 2, 3, 3]), torch.Size([2, 3, 3, 3]))
+    s, t = torch.randn(2, 2, 3, 3), torch.randn(2, 3, 3, 3)
+    src = ofd.connector(s).detach()
+    m = torch.tensor([-0.5, -1.0, -0.2]).view(1, 3, 1, 1).expand_as(t)
+    total = 0.0
+    for idx in range(t.numel()):
+        tv, mv, sv = t.flatten()[idx].item(), m.flatten()[idx].item(), src.flatten()[idx].item()
+        target = max(tv, mv)
+        if not (sv <= target and target <= 0):
+            total += (target - sv) ** 2
+    assert ofd(s, t).item() == pytest.approx(total / 2, rel=1e-5)
+
+
+def test_ofd_margin_estimated_from_teacher_batches():
+    ofd = losses.build("ofd")
+    ofd.configure(torch.Size([2, 1, 2, 1]), torch.Size([2, 2, 2, 1]))
+    t1 = torch.tensor([[[[-1.0], [2.0]], [[3.0], [4.0]]], [[[-3.0], [5.0]], [[1.0], [1.0]]]])
+    t2 = torch.tensor([[[[-5.0], [0.0]], [[-2.0], [1.0]]], [[[1.0], [1.0]], [[1.0], [1.0]]]])
+    s = torch.zeros(2, 1, 2, 1)
+    ofd(s, t1)
+    assert ofd.neg_mean.tolist() == pytest.approx([-2.0, 0.0])  # channel 1 has no negatives yet
+    ofd(s, t2)
+    assert ofd.neg_mean.tolist() == pytest.approx([-3.0, -2.0])  # mean of {-1, -3, -5} and {-2}
+    assert ofd.neg_count.tolist() == [3.0, 1.0]
+    ofd.eval()  # eval: no update
+    ofd(s, -10 * torch.ones(2, 2, 2, 1))
+    assert ofd.neg_mean.tolist() == pytest.approx([-3.0, -2.0])
+    assert "neg_mean" in ofd.state_dict() and "connector.0.weight" in ofd.state_dict()
+
+
+def test_ofd_margin_from_teacher_bn_matches_gaussian_formula():
+    from scipy.stats import norm
+
+    weight = torch.tensor([1.0, 2.0, -0.5, 0.1])
+    bias = torch.tensor([0.0, 1.0, -0.3, 1.0])  # last channel: Phi(-10) tiny -> -3 s
+    expected = []
+    for s, m in zip(weight.abs().tolist(), bias.tolist()):
+        cdf = norm.cdf(-m / s)
+        expected.append(m - s * norm.pdf(m / s) / cdf if cdf > 0.001 else -3 * s)
+    assert ofd_margin_from_bn(weight, bias).tolist() == pytest.approx(expected, rel=1e-5)
+    assert ofd_margin_from_bn(weight, bias)[0].item() == pytest.approx(-math.sqrt(2 / math.pi), rel=1e-6)
+    # set before configure: applied when configure builds the buffers
+    ofd = losses.build("ofd")
+    ofd.set_teacher_bn(weight, bias)
+    ofd.configure(torch.Size([2, 3, 2, 2]), torch.Size([2, 4, 2, 2]))
+    assert bool(ofd.has_bn_margin) and ofd.bn_margin.tolist() == pytest.approx(expected, rel=1e-5)
+    t = torch.randn(2, 4, 2, 2)
+    ofd(torch.randn(2, 3, 2, 2), t)
+    assert ofd.neg_count.sum().item() == 0  # the BN margin is used, no estimate kept
+
+
+def test_ofd_gradients_and_edges():
+    torch.manual_seed(0)
+    ofd = losses.build("ofd")
+    ofd.configure(torch.Size([2, 3, 4, 4]), torch.Size([2, 5, 4, 4]))
+    s = torch.randn(2, 3, 4, 4, requires_grad=True)
+    ofd(s, torch.randn(2, 5, 4, 4)).backward()
+    assert torch.any(s.grad != 0)
+    assert _params_have_grad(ofd.connector) == []
+    assert torch.isfinite(ofd(s.detach() * 1e4, torch.randn(2, 5, 4, 4) * 1e4))
+    assert torch.isfinite(ofd(s.detach()[:1], torch.randn(1, 5, 4, 4)))
+    assert torch.isfinite(ofd(torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)))
+    with pytest.raises(RuntimeError, match="configure"):
+        losses.build("ofd")(s, torch.randn(2, 5, 4, 4))
+    with pytest.raises(ValueError, match="margin"):
+        losses.build("ofd", margin=0.5)
+    with pytest.raises(ValueError, match="channels"):
+        losses.build("ofd", margin=[-1.0, -1.0]).configure(torch.Size([2, 3, 4, 4]), torch.Size([2, 5, 4, 4]))
+
+
+# ---------------------------------------------------------------------------------------------
+# afd
+# ---------------------------------------------------------------------------------------------
+
+
+def _afd_reference(afd, s_list, t_list):
+    """AFD written out from the paper/authors' definitions, reusing only the module's parameters."""
+    d = afd.qk_dim
+
+    def lin_bn(block, x, relu):
+        y = _bn_train(x @ block.linear.weight.t() + block.linear.bias, block.bn.eps, block.bn.weight, block.bn.bias)
+        return torch.relu(y) if relu else y
+
+    b, n_s, n_t = s_list[0].shape[0], len(s_list), len(t_list)
+    q = torch.stack([lin_bn(blk, t.mean((2, 3)), False) for blk, t in zip(afd.query, t_list)], 1)
+    k = torch.stack([lin_bn(blk, s.mean((2, 3)), True) for blk, s in zip(afd.key, s_list)], 1)
+    kb = lin_bn(afd.bilinear, k.reshape(b * n_s, d), False).reshape(b, n_s, n_t, d)
+    total = 0.0
+    for ti, t in enumerate(t_list):
+        logits = torch.stack(
+            [(kb[:, si, ti] * q[:, ti]).sum(-1) + afd.pos_t[ti] @ afd.pos_s[si] for si in range(n_s)], 1
+        ) / math.sqrt(d)
+        alpha = logits.softmax(1)  # over student layers
+        vt = t.pow(2).mean(1).reshape(b, -1)
+        vt = vt / vt.norm(dim=1, keepdim=True)
+        for si, s in enumerate(s_list):
+            vs = F.adaptive_avg_pool2d(s.pow(2).mean(1, keepdim=True), t.shape[2:]).reshape(b, -1)
+            vs = vs / vs.norm(dim=1, keepdim=True)
+            total += (alpha[:, si] * ((vs - vt) ** 2).mean(1)).mean()
+    return total.detach()
+
+
+def _afd_built(qk_dim=8):
+    s_shapes = [torch.Size([3, 2, 4, 4]), torch.Size([3, 4, 2, 2])]
+    t_shapes = [torch.Size([3, 3, 4, 4]), torch.Size([3, 5, 2, 2]), torch.Size([3, 6, 2, 2])]
+    afd = losses.build("afd", qk_dim=qk_dim)
+    afd.configure(s_shapes, t_shapes)
+    return afd, [torch.randn(s) for s in s_shapes], [torch.randn(t) for t in t_shapes]
+
+
+def test_afd_value_against_formula():
+    torch.manual_seed(0)
+    afd, s, t = _afd_built()
+    assert afd(s, t).item() == pytest.approx(_afd_reference(afd, s, t).item(), rel=1e-5)
+    alpha = afd.attention(s, t)
+    assert alpha.shape == (3, 3, 2)
+    assert torch.allclose(alpha.sum(2), torch.ones(3, 3))
+
+
+def test_afd_properties_and_gradients():
+    torch.manual_seed(0)
+    afd = losses.build("afd", qk_dim=4)
+    afd.configure([torch.Size([2, 3, 4, 4])], [torch.Size([2, 3, 4, 4])])
+    x = torch.randn(2, 3, 4, 4)
+    assert afd([x], [x]).item() == pytest.approx(0.0, abs=1e-9)
+    torch.manual_seed(1)
+    afd, s, t = _afd_built()
+    s = [x.requires_grad_() for x in s]
+    afd(s, t).backward()
+    assert all(torch.any(x.grad != 0) for x in s)
+    assert _params_have_grad(afd) == []
+    assert torch.isfinite(afd([x.detach() * 1e4 for x in s], t))
+    with pytest.raises(ValueError, match="at least 2"):
+        afd([x.detach()[:1] for x in s], [x[:1] for x in t])
+    afd.eval()
+    assert torch.isfinite(afd([x.detach()[:1] for x in s], [x[:1] for x in t]))
+
+
+def test_afd_errors():
+    with pytest.raises(RuntimeError, match="configure"):
+        losses.build("afd")([torch.randn(2, 3, 4, 4)], [torch.randn(2, 3, 4, 4)])
+    with pytest.raises(ValueError, match="qk_dim"):
+        losses.build("afd", qk_dim=0)
+    afd, s, t = _afd_built()
+    with pytest.raises(ValueError, match="configured for"):
+        afd(s[:1], t)
+
+
+# ---------------------------------------------------------------------------------------------
+# kr / reviewkd
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hcl_by_hand():
+    torch.manual_seed(0)
+    fs, ft = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    mse = lambda a, b: ((a - b) ** 2).mean()  # noqa: E731
+    # 4x4 map: the 4x4 level is skipped; 2x2 and 1x1 get weights 1/2 and 1/4
+    expected = (mse(fs, ft) + 0.5 * mse(F.avg_pool2d(fs, 2), F.avg_pool2d(ft, 2))
+                + 0.25 * mse(fs.mean((2, 3)), ft.mean((2, 3)))) / 1.75
+    assert _hcl(fs, ft).item() == pytest.approx(float(expected), rel=1e-6)
+    one = torch.randn(2, 3, 1, 1)
+    assert _hcl(one, torch.zeros_like(one)).item() == pytest.approx(float((one**2).mean()), rel=1e-6)
+
+
+def _kr_built(**params):
+    s_shapes = [torch.Size([2, 3, 4, 4]), torch.Size([2, 5, 2, 2]), torch.Size([2, 5])]
+    t_shapes = [torch.Size([2, 4, 4, 4]), torch.Size([2, 6, 2, 2]), torch.Size([2, 6])]
+    kr = losses.build("kr", **params)
+    kr.configure(s_shapes, t_shapes)
+    return kr, [torch.randn(s) for s in s_shapes], [torch.randn(t) for t in t_shapes]
+
+
+def test_kr_value_against_review_mechanism():
+    torch.manual_seed(0)
+    kr, s, t = _kr_built(mid_channel=4)
+    a0, a1, a2 = kr.abfs
+    assert a2.att_conv is None and a0.att_conv is not None
+    # deepest stage (pooled [B, C] -> [B, C, 1, 1]) alone
+    x2 = a2.conv1(s[2][:, :, None, None])
+    out2 = a2.conv2(x2)
+    # middle stage: fuse with the upsampled deeper residual
+    x1 = a1.conv1(s[1])
+    y1 = x2.expand(-1, -1, 2, 2)  # nearest upsampling of a 1x1 map
+    z1 = a1.att_conv(torch.cat([x1, y1], 1))
+    x1 = x1 * z1[:, :1] + y1 * z1[:, 1:]
+    out1 = a1.conv2(x1)
+    x0 = a0.conv1(s[0])
+    y0 = x1.repeat_interleave(2, 2).repeat_interleave(2, 3)  # nearest 2x2 -> 4x4
+    z0 = a0.att_conv(torch.cat([x0, y0], 1))
+    out0 = a0.conv2(x0 * z0[:, :1] + y0 * z0[:, 1:])
+    expected = _hcl(out0, t[0]) + _hcl(out1, t[1]) + _hcl(out2, t[2][:, :, None, None])
+    assert kr(s, t).item() == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_kr_properties_and_gradients():
+    torch.manual_seed(0)
+    kr, s, t = _kr_built()
+    assert kr.abfs[0].conv1[0].out_channels == 5  # min(512, deepest student channels)
+    s = [x.requires_grad_() for x in s]
+    kr(s, t).backward()
+    assert all(torch.any(x.grad != 0) for x in s)
+    assert _params_have_grad(kr) == []
+    full = kr(s, t).item()
+    warm, _, _ = _kr_built(warmup_epochs=20)
+    warm.load_state_dict(kr.state_dict())
+    assert warm(s, t, epoch=5.0).item() == pytest.approx(full * 0.25, rel=1e-5)
+    assert warm(s, t, epoch=40.0).item() == pytest.approx(full, rel=1e-5)
+    assert torch.isfinite(kr([x.detach() * 1e4 for x in s], t))
+    # teacher stage larger than the student's: the ABF output is upsampled to it
+    kr2 = losses.build("kr")
+    kr2.configure([torch.Size([2, 3, 2, 2])], [torch.Size([2, 4, 4, 4])])
+    assert torch.isfinite(kr2([torch.randn(2, 3, 2, 2)], [torch.randn(2, 4, 4, 4)]))
+    assert torch.isfinite(kr2([torch.randn(1, 3, 2, 2)], [torch.randn(1, 4, 4, 4)]))  # batch of 1
+
+
+def test_kr_errors():
+    with pytest.raises(RuntimeError, match="configure"):
+        losses.build("reviewkd")([torch.randn(2, 3, 4, 4)], [torch.randn(2, 3, 4, 4)])
+    with pytest.raises(ValueError, match="mid_channel"):
+        losses.build("kr", mid_channel=0)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        losses.build("kr", warmup_epochs=-1)
+    with pytest.raises(ValueError, match="as many"):
+        losses.build("kr").configure([torch.Size([2, 3, 4, 4])], [torch.Size([2, 3, 4, 4])] * 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# srd
+# ---------------------------------------------------------------------------------------------
+
+
+def test_srd_value_against_formula():
+    torch.manual_seed(0)
+    srd = losses.build("srd")
+    srd.configure(torch.Size([4, 3]), torch.Size([4, 5]))
+    zs, zt = torch.randn(4, 3), torch.randn(4, 5)
+    w, b = srd.projector.weight.detach(), srd.projector.bias.detach()
+    fs = _bn_train(zs @ w.t() + b, 1e-4)
+    ft = _bn_train(zt, 1e-4)
+    reference_sum = torch.log((fs - ft).abs().pow(4).sum())  # the authors' log-sum
+    expected = reference_sum - math.log(4 * 5)  # ours: log-mean, same gradient
+    assert srd(zs, zt).item() == pytest.approx(float(expected.detach()), rel=1e-5)
+    # conv maps are globally average-pooled first
+    srd4 = losses.build("srd", exponent=2.0)
+    srd4.configure(torch.Size([4, 3, 2, 2]), torch.Size([4, 5, 3, 3]))
+    srd4.load_state_dict(srd.state_dict())
+    xs, xt = torch.randn(4, 3, 2, 2), torch.randn(4, 5, 3, 3)
+    fs = _bn_train(xs.mean((2, 3)) @ w.t() + b, 1e-4)
+    ft = _bn_train(xt.mean((2, 3)), 1e-4)
+    assert srd4(xs, xt).item() == pytest.approx(float(torch.log(((fs - ft) ** 2).mean())), rel=1e-5)
+
+
+def test_srd_properties_and_gradients():
+    torch.manual_seed(0)
+    srd = losses.build("srd")
+    srd.configure(torch.Size([4, 3]), torch.Size([4, 3]))
+    with torch.no_grad():
+        srd.projector.weight.copy_(torch.eye(3))
+        srd.projector.bias.zero_()
+    z = torch.randn(4, 3, requires_grad=True)
+    at_match = srd(z, z.detach())
+    assert torch.isfinite(at_match) and at_match.item() < -80  # log of ~0: its minimum
+    zt = torch.randn(4, 3)
+    srd(z, zt).backward()
+    assert torch.any(z.grad != 0)
+    assert _params_have_grad(srd) == []
+    assert torch.isfinite(srd(z.detach() * 1e4, zt))
+    with pytest.raises(ValueError, match="at least 2"):
+        srd(z[:1], zt[:1])
+    srd.eval()
+    assert torch.isfinite(srd(z[:1], zt[:1]))
+    with pytest.raises(ValueError, match="exponent"):
+        losses.build("srd", exponent=0)
+    with pytest.raises(RuntimeError, match="configure"):
+        losses.build("srd")(z, zt)
+
+
+# ---------------------------------------------------------------------------------------------
+# ickd
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ickd_value_against_formula():
+    torch.manual_seed(0)
+    ickd = losses.build("ickd")
+    ickd.configure(torch.Size([2, 3, 2, 2]), torch.Size([2, 4, 3, 3]))
+    s, t = torch.randn(2, 3, 2, 2), torch.randn(2, 4, 3, 3)  # spatial sizes may differ
+    emb = ickd.embed(s).detach()
+    total = 0.0
+    for b in range(2):
+        fs, ft = emb[b].reshape(4, -1), t[b].reshape(4, -1)
+        gs, gt = fs @ fs.t(), ft @ ft.t()
+        gs = gs / gs.norm(dim=1, keepdim=True)
+        gt = gt / gt.norm(dim=1, keepdim=True)
+        total += float(((gs - gt) ** 2).sum()) / 4
+    assert ickd(s, t).item() == pytest.approx(total / 2, rel=1e-5)
+
+
+def test_ickd_properties_and_gradients():
+    torch.manual_seed(0)
+    ickd = losses.build("ickd")
+    ickd.configure(torch.Size([2, 3, 4, 4]), torch.Size([2, 3, 4, 4]))
+    with torch.no_grad():
+        ickd.embed[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+    ickd.eval()
+    x = torch.randn(2, 3, 4, 4)
+    assert ickd(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    ickd.train()
+    s = torch.randn(2, 3, 4, 4, requires_grad=True)
+    ickd(s, torch.randn(2, 3, 4, 4)).backward()
+    assert torch.any(s.grad != 0)
+    assert _params_have_grad(ickd) == []
+    assert torch.isfinite(ickd(s.detach() * 1e4, torch.randn(2, 3, 4, 4) * 1e4))
+    assert torch.isfinite(ickd(s.detach()[:1], torch.randn(1, 3, 4, 4)))
+    hid = losses.build("ickd")
+    hid.configure(torch.Size([2, 5, 8]), torch.Size([2, 7, 6]))  # [B, T, D] hidden states
+    assert torch.isfinite(hid(torch.randn(2, 5, 8), torch.randn(2, 7, 6)))
+    with pytest.raises(RuntimeError, match="configure"):
+        losses.build("ickd")(s, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# cwd / chsim
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cwd_hand_value():
+    T = 4.0
+    # one image, two channels, two positions
+    s = torch.tensor([[[[0.0, 0.0]], [[1.0, 3.0]]]])
+    t = torch.tensor([[[[8.0, 0.0]], [[1.0, 3.0]]]])
+    p = math.exp(2.0) / (math.exp(2.0) + 1.0)  # softmax([8/T, 0])
+    kl_channel0 = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
+    expected = T**2 * (kl_channel0 + 0.0) / 2
+    assert losses.build("chsim")(s, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_cwd_against_kl_div_and_properties():
+    torch.manual_seed(0)
+    s = torch.randn(2, 3, 4, 4, requires_grad=True)
+    t = torch.randn(2, 3, 4, 4)
+    T = 2.0
+    kl = F.kl_div(F.log_softmax(s.reshape(6, -1) / T, 1), F.log_softmax(t.reshape(6, -1) / T, 1),
+                  log_target=True, reduction="sum")
+    cwd = losses.build("cwd", temperature=T)
+    loss = cwd(s, t)
+    assert loss.item() == pytest.approx(float(kl.detach()) * T**2 / 6, rel=1e-5)
+    loss.backward()
+    assert torch.any(s.grad != 0)
+    assert cwd(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    assert torch.isfinite(cwd(s.detach() * 1e4, t * 1e4))
+    assert torch.isfinite(cwd(s.detach()[:1], t[:1]))
+    assert torch.isfinite(cwd(torch.randn(2, 5, 8), torch.randn(2, 5, 8)))  # [B, T, D]
+    with pytest.raises(ValueError, match="temperature"):
+        losses.build("cwd", temperature=0)
+    with pytest.raises(ValueError, match="same shape"):
+        cwd(s, torch.randn(2, 4, 4, 4))

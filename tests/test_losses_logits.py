@@ -1,0 +1,412 @@
+"""Logit-based distillation losses: values against the papers' formulas, written out independently,
+plus properties (zero at student == teacher, gradients, large logits, batch size 1, validation)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hfdistill import losses
+from hfdistill.losses import get_info
+
+B, C = 4, 5
+
+
+def logits(*shape: int, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(*shape) * scale
+
+
+def probs(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax written out with exp / sum (the implementations use log_softmax)."""
+    e = torch.exp((z - z.max(dim=-1, keepdim=True).values) / temperature)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, from probabilities."""
+    return (p * torch.log(p / q)).sum(-1)
+
+
+def student_grad(loss_fn, student: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    s = student.clone().requires_grad_(True)
+    loss_fn(s, *args, **kwargs).backward()
+    return s.grad
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("name", ["kd", "logits_mse", "dkd", "dist", "logit_std_kd", "tf_kd"])
+def test_registered_as_logit_methods(name):
+    info = get_info(name)
+    assert info.reads == "logits"
+    assert info.default_tap == "logits"
+    assert info.paper and info.description
+    assert not info.trainable
+
+
+def test_declared_fields():
+    assert get_info("dkd").fields == ("labels", "epoch")
+    assert get_info("tf_kd").fields == ("labels",)
+    assert get_info("dist").fields == ()
+    assert get_info("dkd").params == ("alpha", "beta", "temperature", "warmup")
+    assert get_info("tf_kd").params == ("mode", "temperature", "a")
+
+
+def test_unknown_parameter_is_rejected():
+    with pytest.raises(TypeError, match="logits_mse"):
+        losses.build("logits_mse", temperature=2.0)
+
+
+# --------------------------------------------------------------------------------------------- kd
+
+
+def test_kd_value_matches_formula_with_t_squared():
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    for temperature in (1.0, 4.0):
+        expected = kl(probs(t, temperature), probs(s, temperature)).mean() * temperature**2
+        got = losses.build("kd", temperature=temperature)(s, t)
+        torch.testing.assert_close(got, expected)
+
+
+def test_kd_hand_computed_value():
+    # one row, two classes, T = 2: p_t = softmax([0, 0]) = [.5, .5], p_s = softmax([1, 0]) (at T=1 of z/2)
+    s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    p1 = math.exp(1) / (math.exp(1) + 1)
+    expected = 4 * (0.5 * math.log(0.5 / p1) + 0.5 * math.log(0.5 / (1 - p1)))
+    assert losses.build("kd", temperature=2.0)(s, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_properties():
+    kd = losses.build("kd")
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    assert kd(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd(s, t).item() > 0
+    grad = student_grad(kd, s, t)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    big = kd(s * 1e4, t * 1e4)
+    assert torch.isfinite(big)
+    assert torch.isfinite(student_grad(kd, s * 1e4, t * 1e4)).all()
+    assert torch.isfinite(kd(s[:1], t[:1]))
+    # [B, T, C] = rows of [B*T, C]
+    s3, t3 = logits(2, 3, C, seed=3), logits(2, 3, C, seed=4)
+    torch.testing.assert_close(kd(s3, t3), kd(s3.reshape(6, C), t3.reshape(6, C)))
+    # bf16 inputs are computed in float32
+    assert kd(s.bfloat16(), t.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_kd_rejects_non_positive_temperature(temperature):
+    with pytest.raises(ValueError, match="kd: temperature"):
+        losses.build("kd", temperature=temperature)
+
+
+# --------------------------------------------------------------------------------------------- logits_mse
+
+
+def test_logits_mse_hand_computed_value():
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    t = torch.tensor([[0.0, 2.0], [3.0, 6.0]])
+    # (1 + 0 + 0 + 4) / 4 elements
+    assert losses.build("logits_mse")(s, t).item() == pytest.approx(1.25)
+
+
+def test_logits_mse_properties():
+    mse = losses.build("logits_mse")
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    torch.testing.assert_close(mse(s, t), ((s - t) ** 2).sum() / s.numel())
+    assert mse(t, t).item() == 0.0
+    grad = student_grad(mse, s, t)
+    torch.testing.assert_close(grad, 2 * (s - t) / s.numel())
+    assert torch.isfinite(mse(s * 1e4, t * 1e4))
+    assert torch.isfinite(mse(s[:1], t[:1]))
+    s3, t3 = logits(2, 3, C, seed=3), logits(2, 3, C, seed=4)
+    torch.testing.assert_close(mse(s3, t3), mse(s3.reshape(6, C), t3.reshape(6, C)))
+
+
+# --------------------------------------------------------------------------------------------- dkd
+
+
+def dkd_reference(s, t, y, alpha, beta, temperature):
+    """DKD from the paper's definitions, via full-softmax probabilities (the implementation works
+    in log space on the C-1 non-target logits)."""
+    p_s, p_t = probs(s, temperature), probs(t, temperature)
+    onehot = torch.nn.functional.one_hot(y, s.shape[-1]).bool()
+    pc_s, pc_t = p_s[onehot], p_t[onehot]
+    b_s = torch.stack([pc_s, 1 - pc_s], -1)
+    b_t = torch.stack([pc_t, 1 - pc_t], -1)
+    tckd = kl(b_t, b_s)
+    n = s.shape[0]
+    hat_s = p_s[~onehot].view(n, -1) / (1 - pc_s)[:, None]
+    hat_t = p_t[~onehot].view(n, -1) / (1 - pc_t)[:, None]
+    nckd = kl(hat_t, hat_s)
+    return (alpha * tckd + beta * nckd).mean() * temperature**2, tckd, nckd
+
+
+def dkd_mdistiller_style(s, t, y, alpha, beta, temperature):
+    """The reference code's construction: target logit pushed down by 1000 for NCKD."""
+    mask = torch.nn.functional.one_hot(y, s.shape[-1]).float()
+    p_s, p_t = probs(s, temperature), probs(t, temperature)
+    b_s = torch.stack([(p_s * mask).sum(1), (p_s * (1 - mask)).sum(1)], 1)
+    b_t = torch.stack([(p_t * mask).sum(1), (p_t * (1 - mask)).sum(1)], 1)
+    tckd = kl(b_t, b_s)
+    log_q_s = torch.log_softmax(s / temperature - 1000.0 * mask, dim=1)
+    q_t = torch.softmax(t / temperature - 1000.0 * mask, dim=1)
+    nckd = torch.nn.functional.kl_div(log_q_s, q_t, reduction="none").sum(1)
+    return (alpha * tckd + beta * nckd).mean() * temperature**2
+
+
+def test_dkd_value_matches_paper_formula_and_reference_construction():
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    y = torch.tensor([0, 3, 4, 1])
+    dkd = losses.build("dkd", alpha=1.0, beta=8.0, temperature=4.0, warmup=20.0)
+    got = dkd(s, t, labels=y, epoch=25.0)
+    expected, _, _ = dkd_reference(s, t, y, 1.0, 8.0, 4.0)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, dkd_mdistiller_style(s, t, y, 1.0, 8.0, 4.0))
+
+
+def test_dkd_decomposes_classical_kd():
+    # Paper: KD = TCKD + (1 - p_c^T) * NCKD for each sample.
+    s, t = logits(1, C, seed=5), logits(1, C, seed=6)
+    y = torch.tensor([2])
+    temperature = 3.0
+    kd = losses.build("kd", temperature=temperature)(s, t)
+    tckd = losses.build("dkd", alpha=1.0, beta=0.0, temperature=temperature, warmup=0)(s, t, labels=y, epoch=0)
+    nckd = losses.build("dkd", alpha=0.0, beta=1.0, temperature=temperature, warmup=0)(s, t, labels=y, epoch=0)
+    pc_t = probs(t, temperature)[0, 2]
+    torch.testing.assert_close(kd, tckd + (1 - pc_t) * nckd)
+
+
+def test_dkd_warmup_ramp():
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    y = torch.tensor([0, 1, 2, 3])
+    dkd = losses.build("dkd", warmup=20.0)
+    full = dkd(s, t, labels=y, epoch=20.0)
+    assert dkd(s, t, labels=y, epoch=0.0).item() == 0.0
+    torch.testing.assert_close(dkd(s, t, labels=y, epoch=5.0), full * 0.25)
+    torch.testing.assert_close(dkd(s, t, labels=y, epoch=40.0), full)
+    no_warmup = losses.build("dkd", warmup=0)
+    torch.testing.assert_close(no_warmup(s, t, labels=y, epoch=0.0), full)
+
+
+def test_dkd_properties():
+    dkd = losses.build("dkd")
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    y = torch.tensor([0, 1, 2, 3])
+    assert dkd(t, t, labels=y, epoch=30).item() == pytest.approx(0.0, abs=1e-6)
+    grad = student_grad(dkd, s, t, labels=y, epoch=30)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # large logits: the target probability rounds to 1, the 1000-offset trick would fail; we stay finite
+    big = dkd(s * 1e4, t * 1e4, labels=y, epoch=30)
+    assert torch.isfinite(big)
+    assert torch.isfinite(student_grad(dkd, s * 1e4, t * 1e4, labels=y, epoch=30)).all()
+    assert torch.isfinite(dkd(s[:1], t[:1], labels=y[:1], epoch=30))
+
+
+def test_dkd_sequence_logits_skip_ignored_rows():
+    dkd = losses.build("dkd", warmup=0)
+    s3, t3 = logits(2, 3, C, seed=3), logits(2, 3, C, seed=4)
+    y3 = torch.tensor([[1, -100, 4], [0, 2, -100]])
+    keep = (y3 != -100).reshape(-1)
+    expected = dkd(s3.reshape(6, C)[keep], t3.reshape(6, C)[keep], labels=y3.reshape(-1)[keep], epoch=0)
+    torch.testing.assert_close(dkd(s3, t3, labels=y3, epoch=0), expected)
+    # every row ignored: zero, and backward still works
+    s = s3.clone().requires_grad_(True)
+    out = dkd(s, t3, labels=torch.full((2, 3), -100), epoch=0)
+    out.backward()
+    assert out.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_dkd_validation():
+    with pytest.raises(ValueError, match="dkd: temperature"):
+        losses.build("dkd", temperature=0)
+    with pytest.raises(ValueError, match="dkd: beta"):
+        losses.build("dkd", beta=-1)
+    with pytest.raises(ValueError, match="dkd: warmup"):
+        losses.build("dkd", warmup=-5)
+    dkd = losses.build("dkd")
+    s, t = logits(B, C), logits(B, C, seed=1)
+    with pytest.raises(ValueError, match="labels of shape"):
+        dkd(s, t, labels=torch.zeros(B + 1, dtype=torch.long), epoch=1)
+    with pytest.raises(ValueError, match="labels must lie"):
+        dkd(s, t, labels=torch.tensor([0, 1, 2, C]), epoch=1)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        dkd(s[:, :1], t[:, :1], labels=torch.zeros(B, dtype=torch.long), epoch=1)
+
+
+# --------------------------------------------------------------------------------------------- dist
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Textbook Pearson correlation of two vectors: cov / (std_a * std_b)."""
+    a_c, b_c = a - a.mean(), b - b.mean()
+    return (a_c * b_c).mean() / (a_c.pow(2).mean().sqrt() * b_c.pow(2).mean().sqrt())
+
+
+def dist_reference(s, t, beta, gamma, temperature):
+    y_s, y_t = probs(s, temperature), probs(t, temperature)
+    inter = 1 - torch.stack([pearson(y_s[i], y_t[i]) for i in range(s.shape[0])]).mean()
+    intra = 1 - torch.stack([pearson(y_s[:, j], y_t[:, j]) for j in range(s.shape[1])]).mean()
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def test_dist_value_matches_formula():
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    for beta, gamma, temperature in [(1.0, 1.0, 1.0), (2.0, 0.5, 4.0)]:
+        got = losses.build("dist", beta=beta, gamma=gamma, temperature=temperature)(s, t)
+        torch.testing.assert_close(got, dist_reference(s, t, beta, gamma, temperature), rtol=1e-5, atol=1e-5)
+
+
+def test_dist_properties():
+    dist = losses.build("dist")
+    s, t = logits(B, C, seed=1, scale=4.0), logits(B, C, seed=2, scale=4.0)
+    assert dist(t, t).item() == pytest.approx(0.0, abs=1e-5)
+    assert dist(s, t).item() > 0
+    # 1 - correlation is at most 2 per term
+    assert dist(s, t).item() <= 4.0
+    grad = student_grad(dist, s, t)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert torch.isfinite(dist(s * 1e4, t * 1e4))
+    assert torch.isfinite(student_grad(dist, s * 1e4, t * 1e4)).all()
+    s3, t3 = logits(2, 3, C, seed=3), logits(2, 3, C, seed=4)
+    torch.testing.assert_close(dist(s3, t3), dist(s3.reshape(6, C), t3.reshape(6, C)))
+
+
+def test_dist_batch_of_one():
+    # intra-class correlation over one sample is undefined; as in the reference code it counts as 0
+    s, t = logits(1, C, seed=1), logits(1, C, seed=2)
+    dist = losses.build("dist", beta=1.0, gamma=1.0)
+    y_s, y_t = probs(s), probs(t)
+    expected = (1 - pearson(y_s[0], y_t[0])) + 1.0
+    torch.testing.assert_close(dist(s, t), expected, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(student_grad(dist, s, t)).all()
+
+
+def test_dist_validation():
+    with pytest.raises(ValueError, match="dist: temperature"):
+        losses.build("dist", temperature=-1)
+    with pytest.raises(ValueError, match="dist: gamma"):
+        losses.build("dist", gamma=-0.1)
+
+
+# --------------------------------------------------------------------------------------------- logit_std_kd
+
+
+def zscore_reference(z: torch.Tensor) -> torch.Tensor:
+    mean = z.mean(-1, keepdim=True)
+    std = ((z - mean) ** 2).mean(-1, keepdim=True).sqrt()  # 1/K, the paper's Algorithm 1
+    return (z - mean) / std
+
+
+def test_logit_std_kd_value_matches_formula():
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    for temperature in (1.0, 2.0):
+        expected = kl(probs(zscore_reference(t), temperature), probs(zscore_reference(s), temperature)).mean()
+        expected = expected * temperature**2
+        got = losses.build("logit_std_kd", temperature=temperature)(s, t)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_logit_std_kd_ignores_logit_scale_and_shift():
+    loss = losses.build("logit_std_kd")
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    # a student whose logits are a positive affine map of the teacher's is already perfect
+    assert loss(3.0 * t + 5.0, t).item() == pytest.approx(0.0, abs=1e-5)
+    torch.testing.assert_close(loss(0.1 * s - 2.0, t), loss(s, t), rtol=1e-4, atol=1e-5)
+    # ... which also makes huge logits harmless
+    torch.testing.assert_close(loss(s * 1e4, t * 1e4), loss(s, t), rtol=1e-4, atol=1e-5)
+
+
+def test_logit_std_kd_properties():
+    loss = losses.build("logit_std_kd")
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    assert loss(s, t).item() > 0
+    grad = student_grad(loss, s, t)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert torch.isfinite(student_grad(loss, s * 1e4, t * 1e4)).all()
+    assert torch.isfinite(loss(s[:1], t[:1]))
+    assert torch.isfinite(loss(torch.ones(2, C), t[:2]))  # constant logits: std 0
+    s3, t3 = logits(2, 3, C, seed=3), logits(2, 3, C, seed=4)
+    torch.testing.assert_close(loss(s3, t3), loss(s3.reshape(6, C), t3.reshape(6, C)))
+    with pytest.raises(ValueError, match="logit_std_kd: temperature"):
+        losses.build("logit_std_kd", temperature=0)
+
+
+# --------------------------------------------------------------------------------------------- tf_kd
+
+
+def virtual_teacher_reference(y: torch.Tensor, num_classes: int, a: float, temperature: float) -> torch.Tensor:
+    """Eq. 8 of the paper, softened as (p^d)^(1/T) renormalised."""
+    p_d = torch.full((y.shape[0], num_classes), (1 - a) / (num_classes - 1))
+    p_d[torch.arange(y.shape[0]), y] = a
+    soft = p_d ** (1.0 / temperature)
+    return soft / soft.sum(-1, keepdim=True)
+
+
+def test_tf_kd_self_is_kd_with_temperature():
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    y = torch.tensor([0, 1, 2, 3])
+    tf = losses.build("tf_kd", mode="self", temperature=6.0)
+    expected = kl(probs(t, 6.0), probs(s, 6.0)).mean() * 36.0
+    torch.testing.assert_close(tf(s, t, labels=y), expected)
+    torch.testing.assert_close(tf(s, t, labels=y), losses.build("kd", temperature=6.0)(s, t))
+    assert tf(t, t, labels=y).item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(tf(s * 1e4, t * 1e4, labels=y))
+
+
+def test_tf_kd_virtual_value_matches_formula():
+    s = logits(B, C, seed=1)
+    y = torch.tensor([0, 3, 4, 1])
+    for a, temperature in [(0.99, 20.0), (0.9, 1.0)]:
+        p_t = virtual_teacher_reference(y, C, a, temperature)
+        expected = kl(p_t, probs(s, temperature)).mean() * temperature**2
+        got = losses.build("tf_kd", mode="virtual", a=a, temperature=temperature)(s, None, labels=y)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tf_kd_virtual_teacher_hand_computed():
+    # 2 classes, a = 0.8, T = 1: the virtual teacher is [0.8, 0.2]; a student with equal logits is [0.5, 0.5]
+    got = losses.build("tf_kd", mode="virtual", a=0.8, temperature=1.0)(
+        torch.zeros(1, 2), None, labels=torch.tensor([0])
+    )
+    expected = 0.8 * math.log(0.8 / 0.5) + 0.2 * math.log(0.2 / 0.5)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_tf_kd_virtual_properties():
+    tf = losses.build("tf_kd", mode="virtual")
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    y = torch.tensor([0, 1, 2, 3])
+    # the teacher tensor is ignored
+    torch.testing.assert_close(tf(s, t, labels=y), tf(s, None, labels=y))
+    # minimal (zero) when the student's logits are log p^d (up to a per-row constant)
+    p_d = virtual_teacher_reference(y, C, 0.99, 1.0)
+    assert tf(torch.log(p_d) + 3.0, None, labels=y).item() == pytest.approx(0.0, abs=1e-4)
+    grad = student_grad(tf, s, None, labels=y)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert torch.isfinite(tf(s * 1e4, None, labels=y))
+    assert torch.isfinite(student_grad(tf, s * 1e4, None, labels=y)).all()
+    assert torch.isfinite(tf(s[:1], None, labels=y[:1]))
+    s3 = logits(2, 3, C, seed=3)
+    y3 = torch.tensor([[1, -100, 4], [0, 2, -100]])
+    keep = (y3 != -100).reshape(-1)
+    torch.testing.assert_close(
+        tf(s3, None, labels=y3), tf(s3.reshape(6, C)[keep], None, labels=y3.reshape(-1)[keep])
+    )
+
+
+def test_tf_kd_validation():
+    with pytest.raises(ValueError, match="tf_kd: mode"):
+        losses.build("tf_kd", mode="reg")
+    with pytest.raises(ValueError, match="tf_kd: a"):
+        losses.build("tf_kd", a=1.0)
+    with pytest.raises(ValueError, match="tf_kd: temperature"):
+        losses.build("tf_kd", temperature=0.0)
+    with pytest.raises(ValueError, match="needs labels"):
+        losses.build("tf_kd", mode="virtual")(logits(B, C), None)
+    with pytest.raises(ValueError, match="teacher"):
+        losses.build("tf_kd", mode="self")(logits(B, C), None)
