@@ -313,3 +313,72 @@ def test_plain_module_teacher(tmp_path, digits):
     )
     trainer.train()
     assert "loss_kd" in trainer.state.log_history[0] or trainer.state.global_step == 2
+
+
+def test_distill_learning_rate_and_teacher_dtype(tmp_path, digits):
+    train, _ = digits
+    recipe = {"terms": [{"loss": "mse", "student": "blocks.2", "teacher": "layer3", "adapter": "conv1x1",
+                         "adapter_params": {"bn": False}}]}
+    trainer = DistillationTrainer(
+        model=tiny_timm("test_efficientnet", seed=2), teacher=tiny_timm(seed=1), recipe=recipe,
+        args=make_args(tmp_path, max_steps=3, optim="sgd", learning_rate=0.1, distill_learning_rate=1e-9,
+                       lr_scheduler_type="constant", teacher_dtype="bfloat16"),
+        train_dataset=train,
+    )
+    assert all(p.dtype == torch.bfloat16 for p in trainer.teacher.parameters())
+    adapter_before = _flat_params(trainer.model.adapters)
+    student_before = _flat_params(trainer.student)
+    trainer.train()
+    lrs = sorted(group["lr"] for group in trainer.optimizer.param_groups if group["params"])
+    assert lrs[0] == pytest.approx(1e-9) and lrs[-1] == pytest.approx(0.1)
+    adapter_after = _flat_params(trainer.model.adapters)
+    assert all(torch.allclose(adapter_before[k], adapter_after[k], atol=1e-6) for k in adapter_before)
+    assert any(not torch.equal(student_before[k], v) for k, v in _flat_params(trainer.student).items())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="task_weight must be >= 0"):
+        DistillationConfig(output_dir="x", task_weight=-1, use_cpu=True)
+    with pytest.raises(ValueError, match="teacher_dtype must be one of"):
+        DistillationConfig(output_dir="x", teacher_dtype="int8", use_cpu=True)
+    with pytest.raises(ValueError, match="distill_learning_rate must be > 0"):
+        DistillationConfig(output_dir="x", distill_learning_rate=0.0, use_cpu=True)
+    with pytest.raises(DistillationError, match="DistillationConfig"):
+        from transformers import TrainingArguments
+
+        DistillationTrainer(model=tiny_timm(), args=TrainingArguments(output_dir="x", use_cpu=True))
+
+
+def test_text_pair_hidden_states_and_attentions(tmp_path):
+    """A 4-layer BERT teacher into a 2-layer, narrower student: logits + uniform hidden-state map + attentions."""
+    import datasets
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def bert(layers, hidden, seed):
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=60, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=2 * hidden, num_labels=3, max_position_embeddings=16,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 60, (64, 8), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[::3, 5:] = 0  # some padding
+    labels = ids[:, 0] % 3
+    train = datasets.Dataset.from_dict({"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                        "labels": labels.numpy()}).with_format("torch")
+    recipe = {"terms": [
+        {"loss": "kd"},
+        {"loss": "hidden_mse", "student": "hidden_states", "teacher": "hidden_states"},
+        {"loss": "attention_kl", "student": "attentions", "teacher": "attentions"},
+    ]}
+    trainer = DistillationTrainer(
+        model=bert(2, 16, 3), teacher=bert(4, 32, 1), recipe=recipe,
+        args=make_args(tmp_path, max_steps=20, learning_rate=3e-3, logging_steps=10), train_dataset=train,
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert {"loss_kd", "loss_hidden_mse", "loss_attention_kl"} <= set(logs[-1])
+    assert logs[-1]["loss_hidden_mse"] < logs[0]["loss_hidden_mse"]
+    assert "hidden_mse" in trainer.model.losses and any(True for _ in trainer.model.losses["hidden_mse"].parameters())
