@@ -32,7 +32,7 @@ from .adapters import build_adapter, suggest_adapter
 from .config import DistillationConfig
 from .models import is_timm_model, student_tap_root, wrap_timm_model
 from .recipe import Recipe, TermSpec, term_name
-from .taps import ModelTaps, TapError
+from .taps import ModelTaps
 
 logger = logging.getLogger(__name__)
 
@@ -198,11 +198,13 @@ class DistillationTrainer(Trainer):
                 f"args must be a DistillationConfig (a TrainingArguments subclass), got {type(args).__name__}"
             )
         self.recipe = self._load_recipe(recipe, teacher)
-        if self.recipe.terms and teacher is None:
-            raise DistillationError(
-                f"the recipe has {len(self.recipe.terms)} distillation term(s) but no teacher was given; "
-                "pass `teacher=` or remove the terms to train the model on its own"
-            )
+        if teacher is None:
+            needy = [t.loss for t in self.recipe.terms if getattr(loss_registry.build(t.loss, **t.params), "needs_teacher", True)]
+            if needy:
+                raise DistillationError(
+                    f"the recipe's term(s) {needy} need a teacher but none was given; "
+                    "pass `teacher=` or remove those terms to train the model on its own"
+                )
         self.task_weight = self.recipe.task_weight if self.recipe.task_weight is not None else args.task_weight
 
         tap_root = student_tap_root(model)
@@ -359,7 +361,8 @@ class DistillationTrainer(Trainer):
         for term in distill.terms:
             info = loss_registry.get_info(term.spec.loss)
             s_shapes = [_shape_of(student_features[t]) for t in term.student_taps]
-            t_shapes = [_shape_of(teacher_features[t]) for t in term.teacher_taps]
+            # Without a teacher model (teacher-free terms) there is no teacher shape.
+            t_shapes = [_shape_of(teacher_features[t]) if t in teacher_features else None for t in term.teacher_taps]
             where = f"term {term.name!r} ({term.spec.loss})"
             if term.spec.adapter is not None:
                 if term.is_list and len(s_shapes) != len(t_shapes):
@@ -374,7 +377,7 @@ class DistillationTrainer(Trainer):
                 distill.adapters[term.name] = adapters.to(device)
                 with torch.no_grad():
                     s_shapes = [a(student_features[t]).shape for a, t in zip(adapters, term.student_taps)]
-            if info.same_shape:
+            if info.same_shape and self.teacher is not None:
                 for s_tap, t_tap, s, t in zip(term.student_taps, term.teacher_taps, s_shapes, t_shapes):
                     if s != t:
                         hint = (

@@ -288,8 +288,15 @@ def test_shape_mismatch_without_adapter_suggests_one(tmp_path, digits):
 
 def test_terms_without_teacher_and_plain_finetuning(tmp_path, digits):
     train, _ = digits
-    with pytest.raises(DistillationError, match="no teacher"):
+    with pytest.raises(DistillationError, match=r"term\(s\) \['kd'\] need a teacher but none was given"):
         DistillationTrainer(model=tiny_timm(), recipe={"terms": [{"loss": "kd"}]}, args=make_args(tmp_path))
+    # Tf-KD's virtual teacher is made from the labels: no teacher model at all.
+    teacher_free = DistillationTrainer(
+        model=tiny_timm(), recipe={"terms": [{"loss": "tf_kd", "params": {"mode": "virtual"}}]},
+        args=make_args(tmp_path, max_steps=3, logging_steps=3), train_dataset=train,
+    )
+    teacher_free.train()
+    assert teacher_free.state.log_history[0]["loss_tf_kd"] > 0
     trainer = DistillationTrainer(model=tiny_timm(), args=make_args(tmp_path, max_steps=10), train_dataset=train)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import channels, check_positive, pool_to_smaller
 from .registry import as_list, register_loss
 
 # --------------------------------------------------------------------------------------------
@@ -47,11 +48,6 @@ def _shape_list(shapes, loss: str) -> list[torch.Size]:
     return [torch.Size(s) for s in shapes]
 
 
-def _check_positive(value, loss: str, name: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{loss}: {name} must be a finite number > 0, got {value!r}")
-
-
 def _check_same_shape(s: torch.Tensor, t: torch.Tensor, loss: str) -> None:
     if s.shape != t.shape:
         raise ValueError(
@@ -72,34 +68,6 @@ def _to_bcn(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 4:
         return x.flatten(2)
     return x.transpose(1, 2)
-
-
-def _match_positions(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-pool the larger spatial map (or token sequence) down to the smaller one.
-
-    4-D: each of H and W goes to the smaller of the two sizes (adaptive average pooling);
-    3-D [B, T, D]: the longer sequence is pooled to the shorter length along T.
-    """
-    if s.dim() != t.dim():
-        raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} have different ranks")
-    if s.dim() == 4:
-        size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
-        if tuple(s.shape[2:]) != size:
-            s = F.adaptive_avg_pool2d(s, size)
-        if tuple(t.shape[2:]) != size:
-            t = F.adaptive_avg_pool2d(t, size)
-    elif s.dim() == 3:
-        n = min(s.shape[1], t.shape[1])
-        if s.shape[1] != n:
-            s = F.adaptive_avg_pool1d(s.transpose(1, 2), n).transpose(1, 2)
-        if t.shape[1] != n:
-            t = F.adaptive_avg_pool1d(t.transpose(1, 2), n).transpose(1, 2)
-    return s, t
-
-
-def _channels(shape: torch.Size) -> int:
-    """Channel count of a feature shape: dim 1 for [B, C, ...] CNN maps and [B, D], last for [B, T, D]."""
-    return shape[-1] if len(shape) == 3 else shape[1]
 
 
 def _require_configured(module: nn.Module, attr: str, loss: str) -> None:
@@ -173,7 +141,7 @@ class CosineLoss(nn.Module):
 
     def __init__(self, eps: float = 1e-8):
         super().__init__()
-        _check_positive(eps, "cosine", "eps")
+        check_positive("cosine", "eps", eps)
         self.eps = eps
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -226,8 +194,8 @@ class ATLoss(nn.Module):
 
     def __init__(self, p: float = 2.0, beta: float = 1000.0):
         super().__init__()
-        _check_positive(p, "at", "p")
-        _check_positive(beta, "at", "beta")
+        check_positive("at", "p", p)
+        check_positive("at", "beta", beta)
         self.p = p
         self.beta = beta
 
@@ -241,7 +209,7 @@ class ATLoss(nn.Module):
             _require_dims(t, (3, 4), "at", "teacher")
             if s.shape[0] != t.shape[0]:
                 raise ValueError(f"at: batch sizes differ: {s.shape[0]} vs {t.shape[0]}")
-            s, t = _match_positions(s.float(), t.float())
+            s, t = pool_to_smaller(s.float(), t.float())
             total = total + (_spatial_attention(s, self.p) - _spatial_attention(t, self.p)).pow(2).mean()
         return self.beta / 2 * total
 
@@ -289,7 +257,7 @@ class NSTLoss(nn.Module):
         s, t = _single(student, "nst"), _single(teacher, "nst")
         _require_dims(s, (3, 4), "nst", "student")
         _require_dims(t, (3, 4), "nst", "teacher")
-        s, t = _match_positions(s.float(), t.float())
+        s, t = pool_to_smaller(s.float(), t.float())
         fs = F.normalize(_to_bcn(s), dim=2)  # [B, Cs, N]
         ft = F.normalize(_to_bcn(t), dim=2)  # [B, Ct, N]
         mmd = self._kernel_mean(ft, ft) + self._kernel_mean(fs, fs) - 2 * self._kernel_mean(fs, ft)
@@ -332,7 +300,7 @@ class FTLoss(nn.Module):
 
     def __init__(self, p: float = 1.0):
         super().__init__()
-        _check_positive(p, "ft", "p")
+        check_positive("ft", "p", p)
         self.p = p
         self.translator: nn.Module | None = None
 
@@ -348,7 +316,7 @@ class FTLoss(nn.Module):
         s, t = _single(student, "ft"), _single(teacher, "ft")
         _require_dims(s, (4,), "ft", "student")
         _require_dims(t, (4,), "ft", "teacher")
-        s, t = _match_positions(s.float(), t.float())
+        s, t = pool_to_smaller(s.float(), t.float())
         factor_s = self.translator(s).float()
         if factor_s.shape != t.shape:
             raise ValueError(f"ft: translated student {tuple(factor_s.shape)} != teacher factor {tuple(t.shape)}; "
@@ -482,7 +450,7 @@ class OFDLoss(nn.Module):
         s, t = _single(student, "ofd"), _single(teacher, "ofd")
         _require_dims(s, (4,), "ofd", "student")
         _require_dims(t, (4,), "ofd", "teacher")
-        s, t = _match_positions(s.float(), t.float())
+        s, t = pool_to_smaller(s.float(), t.float())
         source = self.connector(s).float()
         if source.shape != t.shape:
             raise ValueError(f"ofd: connected student {tuple(source.shape)} != teacher {tuple(t.shape)}; "
@@ -760,13 +728,13 @@ class SRDLoss(nn.Module):
 
     def __init__(self, exponent: float = 4.0):
         super().__init__()
-        _check_positive(exponent, "srd", "exponent")
+        check_positive("srd", "exponent", exponent)
         self.exponent = exponent
         self.projector: nn.Module | None = None
 
     def configure(self, student_shape, teacher_shape) -> None:
         s_shape, t_shape = _single_shape(student_shape, "srd"), _single_shape(teacher_shape, "srd")
-        ds, dt = _channels(s_shape), _channels(t_shape)
+        ds, dt = channels(s_shape), channels(t_shape)
         self.projector = nn.Linear(ds, dt)
         self.bn_s = nn.BatchNorm1d(dt, eps=self._BN_EPS, affine=False)
         self.bn_t = nn.BatchNorm1d(dt, eps=self._BN_EPS, affine=False)
@@ -817,7 +785,7 @@ class ICKDLoss(nn.Module):
         s_shape, t_shape = _single_shape(student_shape, "ickd"), _single_shape(teacher_shape, "ickd")
         if len(s_shape) not in (3, 4) or len(t_shape) not in (3, 4):
             raise ValueError(f"ickd: needs [B, C, H, W] or [B, T, D] features, got {tuple(s_shape)}, {tuple(t_shape)}")
-        cs, ct = _channels(s_shape), _channels(t_shape)
+        cs, ct = channels(s_shape), channels(t_shape)
         self.embed = nn.Sequential(nn.Conv2d(cs, ct, kernel_size=1, bias=False), nn.BatchNorm2d(ct))
 
     @staticmethod
@@ -865,7 +833,7 @@ class CWDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()
-        _check_positive(temperature, "cwd", "temperature")
+        check_positive("cwd", "temperature", temperature)
         self.temperature = temperature
 
     def forward(self, student, teacher) -> torch.Tensor:

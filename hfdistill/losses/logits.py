@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import check_non_negative, check_positive
 from .registry import register_loss
 
 
@@ -51,16 +52,6 @@ class KDLoss(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 IGNORE_INDEX = -100  # Hugging Face's label for positions that carry no target (padding, prompt tokens)
-
-
-def _check_positive(loss: str, name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{loss}: {name} must be > 0, got {value}")
-
-
-def _check_non_negative(loss: str, name: str, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{loss}: {name} must be >= 0, got {value}")
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -181,10 +172,10 @@ class DKDLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: float = 20.0):
         super().__init__()
-        _check_non_negative("dkd", "alpha", alpha)
-        _check_non_negative("dkd", "beta", beta)
-        _check_positive("dkd", "temperature", temperature)
-        _check_non_negative("dkd", "warmup", warmup)
+        check_non_negative("dkd", alpha=alpha)
+        check_non_negative("dkd", beta=beta)
+        check_positive("dkd", "temperature", temperature)
+        check_non_negative("dkd", warmup=warmup)
         self.alpha = alpha
         self.beta = beta
         self.temperature = temperature
@@ -257,9 +248,9 @@ class DISTLoss(nn.Module):
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
         super().__init__()
-        _check_non_negative("dist", "beta", beta)
-        _check_non_negative("dist", "gamma", gamma)
-        _check_positive("dist", "temperature", temperature)
+        check_non_negative("dist", beta=beta)
+        check_non_negative("dist", gamma=gamma)
+        check_positive("dist", "temperature", temperature)
         self.beta = beta
         self.gamma = gamma
         self.temperature = temperature
@@ -310,7 +301,7 @@ class LogitStdKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 2.0):
         super().__init__()
-        _check_positive("logit_std_kd", "temperature", temperature)
+        check_positive("logit_std_kd", "temperature", temperature)
         self.temperature = temperature
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -377,10 +368,12 @@ class TfKDLoss(nn.Module):
         super().__init__()
         if mode not in TF_KD_MODES:
             raise ValueError(f"tf_kd: mode must be one of {TF_KD_MODES}, got {mode!r}")
-        _check_positive("tf_kd", "temperature", temperature)
+        check_positive("tf_kd", "temperature", temperature)
         if not 0.0 < a < 1.0:
             raise ValueError(f"tf_kd: a (the virtual teacher's correct-class probability) must be in (0, 1), got {a}")
         self.mode = mode
+        # The virtual teacher is built from the labels: such a term runs without any teacher model.
+        self.needs_teacher = mode != "virtual"
         self.temperature = temperature
         self.a = a
 

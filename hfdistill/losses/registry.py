@@ -1,6 +1,8 @@
 """The loss registry (DESIGN.md, contract 1).
 
 Every distillation method is an ``nn.Module`` registered here with its description and paper.
+A built loss module whose ``needs_teacher`` attribute is False (Tf-KD's virtual teacher) can
+run in a term without a teacher model.
 ``forward(student, teacher, **fields)`` takes what the term's taps selected (a tensor, or a list
 of tensors when the term reads several layers) plus the batch fields the method declared in
 ``fields=`` (``labels``, ``index``, ``epoch``, ...), and returns a scalar tensor.
@@ -49,6 +51,8 @@ class LossInfo:
     multi_layer: bool = False
     # The names of the constructor's parameters, for recipe validation.
     params: tuple[str, ...] = field(default=())
+    # For an alias (`fitnet`), the name it stands for (`mse`); None for the method's own name.
+    alias_of: str | None = None
 
 
 _LOSSES: dict[str, LossInfo] = {}
@@ -95,6 +99,7 @@ def register_loss(
                 trainable=trainable,
                 multi_layer=multi_layer,
                 params=params,
+                alias_of=None if registered_name == name else name,
             )
         cls.loss_name = name
         return cls

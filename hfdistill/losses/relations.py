@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import channels, check_non_negative, pool_to_smaller
 from .registry import as_list, register_loss
 
 # ----------------------------------------------------------------------------------------------
@@ -46,38 +47,6 @@ def _check_pairs(name: str, student, teacher) -> tuple[list[torch.Tensor], list[
 def _safe_norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
     """Euclidean norm with a finite gradient at 0 (the clamp stops the gradient there)."""
     return x.pow(2).sum(dim, keepdim=True).clamp_min(eps * eps).sqrt()
-
-
-def _check_nonneg(name: str, **values: float) -> None:
-    for key, value in values.items():
-        if value < 0:
-            raise ValueError(f"{name}: {key} must be >= 0, got {value}")
-
-
-def _pool_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Adaptive average pooling of the positions of a [B, C, H, W] map or a [B, T, D] sequence."""
-    if x.dim() == 4:
-        return x if tuple(x.shape[2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
-    if x.dim() == 3:
-        if x.shape[1] == size[0]:
-            return x
-        return F.adaptive_avg_pool1d(x.transpose(1, 2), size[0]).transpose(1, 2)
-    return x
-
-
-def _positions(x: torch.Tensor) -> tuple[int, ...]:
-    """The positional size of a feature: (H, W) for [B, C, H, W], (T,) for [B, T, D], () for [B, D]."""
-    if x.dim() == 4:
-        return tuple(x.shape[2:])
-    if x.dim() == 3:
-        return (x.shape[1],)
-    return ()
-
-
-def _pool_to_smaller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool whichever of two same-rank features has more positions down to the smaller size (per axis)."""
-    size = tuple(min(p, q) for p, q in zip(_positions(a), _positions(b)))
-    return _pool_to(a, size), _pool_to(b, size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +151,7 @@ class RKDLoss(nn.Module):
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()
-        _check_nonneg("rkd", distance_weight=distance_weight, angle_weight=angle_weight)
+        check_non_negative("rkd", distance_weight=distance_weight, angle_weight=angle_weight)
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
 
@@ -250,11 +219,6 @@ class SPLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _channels(shape: torch.Size) -> int:
-    """Channel axis size: dim 1 of [B, C, H, W], the last dim of [B, D] and [B, T, D]."""
-    return shape[1] if len(shape) == 4 else shape[-1]
-
-
 @register_loss(
     "vid",
     description="Variational Information Distillation: Gaussian NLL of teacher features under a regressor of student features",
@@ -307,7 +271,7 @@ class VIDLoss(nn.Module):
                 f"vid: student {tuple(s)} and teacher {tuple(t)} features must both be [B, D], [B, T, D] or "
                 "[B, C, H, W]; tap layers of the same kind or add an adapter"
             )
-        c_s, c_t = _channels(s), _channels(t)
+        c_s, c_t = channels(s), channels(t)
         mid = self.mid_channels or c_t
         if len(s) == 4:
             def layer(i, o):
@@ -332,12 +296,12 @@ class VIDLoss(nn.Module):
             raise ValueError(
                 f"vid: configured for rank-{rank} features, got student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
             )
-        if _channels(student.shape) != c_s or _channels(teacher.shape) != c_t:
+        if channels(student.shape) != c_s or channels(teacher.shape) != c_t:
             raise ValueError(
                 f"vid: configured for {c_s} student and {c_t} teacher channels, got student {tuple(student.shape)} "
                 f"and teacher {tuple(teacher.shape)}"
             )
-        s, t = _pool_to_smaller(student.float(), teacher.float())
+        s, t = pool_to_smaller(student.float(), teacher.float())
         mean = self.regressor(s.to(self.regressor[0].weight.dtype)).float()  # [B, C_t, H, W] or [B, (T,) C_t]
         var = F.softplus(self.alpha.float()) + self.eps  # [C_t]
         if s.dim() == 4:
@@ -503,7 +467,7 @@ class IRGLoss(nn.Module):
         transform_pairs: list[list[int]] | None = None,
     ):
         super().__init__()
-        _check_nonneg("irg", vertex_weight=vertex_weight, edge_weight=edge_weight, transform_weight=transform_weight)
+        check_non_negative("irg", vertex_weight=vertex_weight, edge_weight=edge_weight, transform_weight=transform_weight)
         if transform_pairs is not None:
             pairs = []
             for pair in transform_pairs:
@@ -579,7 +543,7 @@ def _fsp_matrix(a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(
             f"{name}: both layers of a pair must be [B, C, H, W] maps or [B, T, D] sequences, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    a, b = _pool_to_smaller(a.float(), b.float())
+    a, b = pool_to_smaller(a.float(), b.float())
     if a.dim() == 4:
         a, b = a.flatten(2), b.flatten(2)  # [B, C, P]
     else:
@@ -634,8 +598,8 @@ class FSPLoss(nn.Module):
             for s, t in ((sa, sb), (ta, tb)):
                 _check_batch("fsp", s, t)
             _check_batch("fsp", sa, ta)
-            s_ch = (_channels(sa.shape), _channels(sb.shape))
-            t_ch = (_channels(ta.shape), _channels(tb.shape))
+            s_ch = (channels(sa.shape), channels(sb.shape))
+            t_ch = (channels(ta.shape), channels(tb.shape))
             if s_ch != t_ch:
                 raise ValueError(
                     f"fsp: pair {k // 2} has student channels {s_ch} but teacher channels {t_ch}; FSP matrices must be "
