@@ -723,9 +723,9 @@ class DistillationTrainer(Trainer):
         student, config = self.student, self.student.config
         is_timm = isinstance(student, TimmWrapperForImageClassification)
         architecture = (getattr(config, "architectures", None) or [type(student).__name__])[0]
-        teacher_id = recipe.teacher.name if recipe.teacher is not None else card.model_name(self.teacher)
-        if self.teacher is not None and teacher_id and not hub.hub_repo_id(teacher_id):
-            teacher_id = teacher_id if teacher_id.startswith("timm:") else card.model_name(self.teacher)
+        teacher_id = recipe.teacher.name if recipe.teacher is not None else None
+        if teacher_id is None or not (teacher_id.startswith("timm:") or hub.hub_repo_id(teacher_id)):
+            teacher_id = card.model_name(self.teacher)  # a local folder: name what it is, not where it was
         _, student_eval, teacher_eval = card.metrics_from_log_history(self.state.log_history)
         student_params, student_bytes = card.model_stats(student)
         teacher_params, teacher_bytes = card.model_stats(self.teacher)

@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import yaml
 
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
-REPO_ACTIONS = {"preupload", "commit", "revision", "tree", "refs", "commits", "paths-info"}
+REPO_ACTIONS = {"preupload", "commit", "revision", "tree", "refs", "commits", "paths-info", "branch"}
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -391,6 +391,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._tree(repo_id, unquote(parts[1]), unquote("/".join(parts[2:])))
             if action == "paths-info" and method == "POST":
                 return self._paths_info(repo_id, unquote("/".join(parts[1:])), body)
+            if action == "branch" and method == "POST":
+                return self._branch(repo_id, unquote("/".join(parts[1:])), json.loads(body or b"{}"))
             if action == "refs" and method == "GET":
                 repo = self._repo(repo_id)
                 branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in repo.branches.items()]
@@ -399,6 +401,15 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub.lock:
             self.hub.unhandled.append(f"{method} {self.path}")
         raise HubHTTPError(404, f"fake Hub: no route for {method} /api/models/{rest}")
+
+    def _branch(self, repo_id: str, branch: str, payload: dict) -> int:
+        repo = self._repo(repo_id, write=True)
+        if branch in repo.branches:
+            raise HubHTTPError(409, f"Reference already exists: refs/heads/{branch}")
+        start = self._commit_of(repo, payload.get("startingPoint") or "main")
+        repo.branches[branch] = start.sha
+        self._json(200, {})
+        return 200
 
     def _card_metadata(self, commit: Commit) -> dict:
         # The Hub fills pipeline_tag, library_name and tags of a model from its README.md metadata.

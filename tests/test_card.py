@@ -1,0 +1,149 @@
+"""The model card: metadata the Hub accepts, a body that says how the student was made."""
+
+import json
+
+import pytest
+from hub_server import validate_card_metadata
+from huggingface_hub import ModelCard
+
+from hfdistill import Recipe
+from hfdistill.card import (
+    build_model_card,
+    metrics_from_log_history,
+    refresh_card,
+    split_metrics,
+    summary_from_folder,
+    write_model_card,
+)
+
+RECIPE = {
+    "terms": [
+        {"loss": "kd", "weight": 0.5, "params": {"temperature": 4}},
+        {"loss": "at", "weight": 100.0, "student": ["layer2", "layer3"], "teacher": ["layer2", "layer3"]},
+    ],
+    "task_weight": 0.5,
+}
+
+
+def full_card(**overrides):
+    values = dict(
+        model_id="user/resnet18-from-resnet50",
+        recipe=Recipe.from_dict(RECIPE),
+        student_id="timm:resnet18",
+        teacher_id="hf-hub:timm/resnet50.a1_in1k",
+        pipeline_tag="image-classification",
+        library_name="timm",
+        dataset="uoft-cs/cifar10",
+        license="apache-2.0",
+        label_names=["cat", "dog"],
+        student_metrics={"eval_accuracy": 0.91, "eval_loss": 0.3, "eval_runtime": 1.2, "eval_teacher_accuracy": 0.95},
+        student_params=11_000_000,
+        teacher_params=25_000_000,
+        student_size_bytes=44_000_000,
+        teacher_size_bytes=100_000_000,
+        student_latency_ms=2.0,
+        teacher_latency_ms=6.0,
+        latency_setup="on 1 CPU core, batch 1",
+        command="hfdistill train recipes/cifar10.yaml --training.push_to_hub true",
+    )
+    values.update(overrides)
+    return build_model_card(**values)
+
+
+def test_metadata_round_trips_and_the_hub_accepts_it():
+    card = full_card()
+    text = str(card)
+    data = ModelCard(text).data  # parses back through ModelCardData
+    assert data.library_name == "timm"
+    assert data.pipeline_tag == "image-classification"
+    assert data.license == "apache-2.0"
+    assert data.datasets == ["uoft-cs/cifar10"]
+    assert data.base_model == "timm/resnet50.a1_in1k"  # the teacher: the student was not pretrained
+    assert {"hfdistill", "knowledge-distillation", "arxiv:1503.02531", "arxiv:1612.03928"} <= set(data.tags)
+    (result,) = data.eval_results
+    assert (result.task_type, result.metric_type, result.metric_value) == ("image-classification", "accuracy", 0.91)
+    assert validate_card_metadata(text) == []
+
+
+def test_body_names_models_terms_papers_compression_metrics_and_usage():
+    text = full_card().text
+    assert "[hf-hub:timm/resnet50.a1_in1k](https://huggingface.co/timm/resnet50.a1_in1k)" in text
+    assert "`timm:resnet18`" in text
+    assert "`0.5 * task loss + 0.5 * kd + 100 * at`" in text
+    assert "[arXiv:1503.02531](https://arxiv.org/abs/1503.02531)" in text  # Hinton et al., from the registry
+    assert "| `at` | `at` | 100 | `layer2`, `layer3` |" in text
+    assert "| Parameters | 25.00M | 11.00M | 2.3x fewer |" in text
+    assert "| Latency | 6.00 ms | 2.00 ms | 3.0x faster |" in text and "on 1 CPU core, batch 1" in text
+    assert "| accuracy | 0.9500 | 0.9100 |" in text
+    assert "runtime" not in text.split("## Results")[1].split("##")[0]
+    assert 'pipeline("image-classification", model="user/resnet18-from-resnet50")' in text
+    assert 'timm.create_model("hf-hub:user/resnet18-from-resnet50", pretrained=True)' in text
+    assert "hfdistill train recipes/cifar10.yaml --training.push_to_hub true" in text
+
+
+def test_minimal_card_without_teacher_or_metrics():
+    card = build_model_card(model_id="student", pipeline_tag="text-classification")
+    data = ModelCard(str(card)).data
+    assert data.get("model-index") is None and data.license is None
+    assert "no distillation terms" in card.text
+    assert 'pipeline("text-classification", model="student")' in card.text
+    assert validate_card_metadata(str(card)) == []
+
+
+def test_pretrained_student_is_the_base_model_and_non_hub_datasets_stay_out_of_datasets():
+    card = full_card(student_id="google/bert_uncased_L-2_H-128_A-2", student_pretrained=True, dataset="sklearn-digits")
+    data = ModelCard(str(card)).data
+    assert data.base_model == "google/bert_uncased_L-2_H-128_A-2"
+    assert data.datasets is None
+    assert data.eval_results[0].dataset_name == "sklearn-digits"
+
+
+def test_split_metrics_and_log_history():
+    student, teacher = split_metrics(
+        {"eval_accuracy": 0.5, "eval_teacher_accuracy": 0.9, "eval_runtime": 3.0, "epoch": 1.0, "f1": 0.4}
+    )
+    assert student == {"accuracy": 0.5, "f1": 0.4} and teacher == {"accuracy": 0.9}
+    history = [
+        {"loss": 2.0, "step": 1},
+        {"eval_loss": 1.0, "eval_accuracy": 0.4, "epoch": 1.0, "step": 2},
+        {"eval_teacher_loss": 0.5, "eval_teacher_accuracy": 0.8, "epoch": 1.0, "step": 2},
+        {"eval_loss": 0.9, "eval_accuracy": 0.6, "epoch": 2.0, "step": 4},
+        {"train_runtime": 3.0, "train_loss": 1.5, "epoch": 2.0, "step": 4},
+    ]
+    train, student, teacher = metrics_from_log_history(history)
+    assert train["train_loss"] == 1.5 and student["eval_accuracy"] == 0.6 and teacher["eval_teacher_accuracy"] == 0.8
+
+
+def test_write_then_refresh_for_another_repo(tmp_path):
+    path = write_model_card(tmp_path, model_id="user/a", recipe=RECIPE, pipeline_tag="image-classification")
+    assert path == tmp_path / "README.md"
+    summary = json.loads((tmp_path / "distill_results.json").read_text())
+    assert summary["model_id"] == "user/a" and "recipe" not in summary
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["ResNetForImageClassification"]}))
+    refresh_card(tmp_path, "user/a")
+    assert 'model="user/a"' in path.read_text()
+    refresh_card(tmp_path, "org/b")  # an hfdistill card made for another repo is re-rendered
+    assert 'model="org/b"' in path.read_text() and 'model="user/a"' not in path.read_text()
+    path.write_text("---\nlicense: mit\n---\n# my own card\n")
+    refresh_card(tmp_path, "org/c")  # a hand-written card is the user's
+    assert path.read_text().endswith("# my own card\n")
+
+
+def test_card_from_a_saved_student_folder(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1},
+    ))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "all_results.json").write_text(json.dumps({"eval_accuracy": 0.75, "train_loss": 0.1}))
+    summary = summary_from_folder(tmp_path)
+    assert summary["pipeline_tag"] == "text-classification" and summary["library_name"] == "transformers"
+    assert summary["label_names"] == ["neg", "pos"]
+    assert summary["student_params"] == sum(p.numel() for p in model.state_dict().values())
+    refresh_card(tmp_path, "user/tiny-bert")
+    data = ModelCard.load(tmp_path / "README.md").data
+    assert data.pipeline_tag == "text-classification" and data.eval_results[0].metric_value == 0.75
