@@ -272,19 +272,22 @@ def _encode_labels(split, column: str, names: list[str]):
             raise RecipeError(
                 "data.eval_split", f"the eval split has labels {unknown[:5]} that the train split does not have"
             )
-        split = split.map(lambda b: {column: [index[v] for v in b[column]]}, batched=True)
+        split = split.cast_column(column, datasets.ClassLabel(names=names))  # name -> index
     elif values and max(values) >= len(names):
         raise RecipeError("data.eval_split", f"the eval split has label {max(values)}, beyond the train split's {len(names) - 1}")
     return split
 
 
-def load_raw_data(spec: DataSpec, task: str, seed: int = 42, dataset: Any = None) -> RawData:
+def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: Any = None) -> RawData:
     """Train and eval splits for ``spec`` (or for ``dataset``, a ``DatasetDict``/``Dataset`` from Python).
+
+    ``seed`` (default ``spec.seed``) fixes the made validation split and the sample limits.
 
     Raises :class:`~hfdistill.recipe.RecipeError` naming the ``data.*`` field to fix.
     """
     import datasets
 
+    seed = spec.seed if seed is None else seed
     if spec.augment not in ("auto", *AUGMENTATIONS):
         raise RecipeError("data.augment", f"unknown augmentation {spec.augment!r}; allowed: auto, {', '.join(AUGMENTATIONS)}")
     image_task = task == "image-classification"

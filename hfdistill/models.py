@@ -51,7 +51,7 @@ def wrap_timm_model(
     pretrained_cfg["num_classes"] = num_classes
     config = TimmWrapperConfig(
         architecture=architecture,
-        model_args=dict(model_args) if model_args else None,
+        model_args=dict(model_args or {}),  # timm's hf-hub loader cannot take `"model_args": null`
         num_labels=num_classes,
         id2label={int(k): v for k, v in id2label.items()},
         label2id={v: int(k) for k, v in id2label.items()},
@@ -62,6 +62,11 @@ def wrap_timm_model(
         wrapper = TimmWrapperForImageClassification(config)
     wrapper.timm_model = model
     wrapper.to(next(model.parameters()).device)
+    # from_pretrained sets this; a wrapper built by hand needs it too, so that save_pretrained writes timm's own
+    # key names (no "timm_model." prefix) and timm.create_model("hf-hub:...") can load the weights.
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    wrapper._weight_conversions = get_model_conversion_mapping(wrapper, add_legacy=False)
     return wrapper
 
 
@@ -307,12 +312,14 @@ def _load_transformers(
     pretrained = spec.pretrained if spec.pretrained is not None else (role == "teacher" or is_folder)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    fresh = spec.config is not None and name in CONFIG_MAPPING and not is_folder
     label_kwargs = {}
-    if role == "student" and num_labels is not None:
+    # A student, or a teacher built fresh from a config, gets the data's classes; a trained teacher keeps its own.
+    if (role == "student" or fresh) and num_labels is not None:
         labels = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
         label_kwargs = {"num_labels": num_labels, "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
     try:
-        if spec.config is not None and name in CONFIG_MAPPING and not is_folder:
+        if fresh:
             config = AutoConfig.for_model(name, **spec.config, **label_kwargs)
             pretrained = False
         else:
@@ -356,7 +363,6 @@ def _load_transformers(
         folder=name if is_folder else None,
     )
     if task == "text-classification":
-        fresh = spec.config is not None and name in CONFIG_MAPPING and not is_folder
         loaded.tokenizer = _load_tokenizer(spec.tokenizer or (None if fresh else name), path, spec.revision)
     else:
         _attach_image_processor(loaded, name, spec, path)
@@ -441,7 +447,9 @@ def load_model(
     if name.startswith(TIMM_PREFIX) or name.startswith(HF_HUB_PREFIX):
         if task != "image-classification":
             raise RecipeError(f"{path}.name", f"timm models do image classification, but the recipe's task is {task!r}")
-        loaded = _load_timm(spec, name, path, role, num_labels if role == "student" or spec.num_classes is None else None)
+        # A pretrained teacher keeps its own head (a mismatch is then reported); a fresh one gets the data's classes.
+        fresh = not (spec.pretrained if spec.pretrained is not None else role == "teacher") or spec.checkpoint
+        loaded = _load_timm(spec, name, path, role, num_labels if role == "student" or fresh else None)
     elif os.path.isdir(name) and _is_timm_wrapper_folder(name):
         loaded = _load_saved_timm_wrapper(name, role, name, path)
         if spec.checkpoint is not None:

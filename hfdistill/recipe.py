@@ -121,6 +121,12 @@ class DataSpec:
     validation_fraction: float = field(
         default=0.1, metadata={"help": "fraction of the training split held out when there is no eval split"}
     )
+    seed: int = field(
+        default=42,
+        metadata={"help": "seed of the made validation split and of the sample limits; kept apart from "
+                  "training.seed so that runs with other training seeds evaluate on the same held-out examples "
+                  "(a saved teacher never saw them)"},
+    )
     image_column: Union[str, None] = field(default=None, metadata={"help": "column holding images"})
     text_column: Union[str, None] = field(default=None, metadata={"help": "column holding text"})
     label_column: Union[str, None] = field(default=None, metadata={"help": "column holding labels"})

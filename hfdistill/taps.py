@@ -25,12 +25,14 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from .errors import DistillationError
+
 HEAD_TAPS = ("pooled", "features")
 SEQUENCE_OUTPUTS = ("hidden_states", "attentions")
 HEAD_ATTRIBUTES = ("classifier", "score", "head", "fc", "lm_head")
 
 
-class TapError(ValueError):
+class TapError(DistillationError):
     """A tap that does not exist on its model; the message lists the closest real paths."""
 
 

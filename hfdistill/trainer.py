@@ -26,6 +26,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from . import losses as loss_registry
 from .adapters import build_adapter, suggest_adapter
 from .config import DistillationConfig
+from .errors import DistillationError
 from .models import is_timm_model, student_tap_root, wrap_timm_model
 from .recipe import Recipe, TermSpec, term_name
 from .taps import ModelTaps
@@ -39,10 +40,6 @@ TEACHER_INPUT_PREFIX = "teacher_"
 PROGRESS_FIELDS = ("epoch", "step")
 # Batch fields a loss handles being absent (image batches have no attention mask): passed as None.
 OPTIONAL_FIELDS = ("attention_mask",)
-
-
-class DistillationError(ValueError):
-    """The models, taps or shapes do not fit the recipe; the message says what would."""
 
 
 @dataclass

@@ -1,0 +1,8 @@
+"""``python -m hfdistill`` and ``accelerate launch -m hfdistill train RECIPE``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

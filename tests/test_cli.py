@@ -1,0 +1,273 @@
+"""The `hfdistill` command line: end to end on digits, overrides, and every bad input (exit code 2)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hfdistill import cli
+from hfdistill.cli import apply_overrides, main, parse_overrides
+from hfdistill.recipe import RecipeError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(tmp_path, **changes) -> dict:
+    """A recipe that trains in seconds: tiny timm models on 16x16 digits."""
+    recipe = {
+        "task": "image-classification",
+        "teacher": {"name": "timm:test_resnet", "pretrained": False},
+        "student": {"name": "timm:test_efficientnet"},
+        "data": {"name": "sklearn-digits", "image_size": 16, "max_train_samples": 128, "max_eval_samples": 64},
+        "terms": [{"loss": "kd", "weight": 0.5, "params": {"temperature": 4}}],
+        "training": {
+            "output_dir": str(tmp_path / "out" / "student"),
+            "max_steps": 4,
+            "per_device_train_batch_size": 16,
+            "per_device_eval_batch_size": 32,
+            "learning_rate": 0.001,
+            "logging_steps": 2,
+            "save_strategy": "no",
+            "use_cpu": True,
+        },
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            recipe[section][name] = value
+        elif value is None:
+            recipe.pop(section, None)
+        else:
+            recipe[section] = value
+    return recipe
+
+
+def write(tmp_path, recipe: dict, name: str = "recipe.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ overrides
+def test_parse_overrides_types():
+    pairs = parse_overrides(["--training.learning_rate", "0.01", "--terms.0.weight=0.5", "--student.baseline", "true",
+                             "--student.name", "timm:resnet10t", "--data.options", "{topics: [ai]}"])
+    assert pairs == [
+        ("training.learning_rate", 0.01),
+        ("terms.0.weight", 0.5),
+        ("student.baseline", True),
+        ("student.name", "timm:resnet10t"),
+        ("data.options", {"topics": ["ai"]}),
+    ]
+
+
+def test_parse_overrides_rejects_bare_values():
+    with pytest.raises(RecipeError, match="overrides look like"):
+        parse_overrides(["0.01"])
+    with pytest.raises(RecipeError, match="has no value"):
+        parse_overrides(["--training.learning_rate"])
+
+
+def test_apply_overrides_nested_and_lists(tmp_path):
+    data = tiny_recipe(tmp_path)
+    out = apply_overrides(data, [("training.learning_rate", 0.01), ("terms.0.weight", 0.25),
+                                 ("terms.0.params.temperature", 2), ("student.kwargs.drop_rate", 0.1)])
+    assert out["training"]["learning_rate"] == 0.01
+    assert out["terms"][0]["weight"] == 0.25 and out["terms"][0]["params"]["temperature"] == 2
+    assert out["student"]["kwargs"] == {"drop_rate": 0.1}
+    assert data["training"]["learning_rate"] == 0.001  # the input is not modified
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [("studnet.name", "did you mean 'student'"), ("terms.3.weight", "1 item"), ("student.nmae", "did you mean 'name'")],
+)
+def test_apply_overrides_unknown_keys(tmp_path, key, message):
+    with pytest.raises(RecipeError, match=message):
+        apply_overrides(tiny_recipe(tmp_path), [(key, 1)])
+
+
+def test_load_recipe_with_override_checks_training_keys(tmp_path):
+    path = write(tmp_path, tiny_recipe(tmp_path))
+    recipe = cli.load_recipe(path, ["--training.learning_rate", "0.02", "--terms.0.weight", "0.7"])
+    assert recipe.training["learning_rate"] == 0.02 and recipe.terms[0].weight == 0.7
+    with pytest.raises(RecipeError, match="training.learning_rat.*did you mean 'learning_rate'"):
+        cli.load_recipe(path, ["--training.learning_rat", "0.02"])
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_train_end_to_end_with_teacher_chain_and_baseline(tmp_path, capsys):
+    """Teacher trained first (train_from), baseline and distilled student, summary, pipeline() loads it."""
+    teacher_dir = tmp_path / "out" / "teacher"
+    recipe = tiny_recipe(
+        tmp_path,
+        teacher={"name": str(teacher_dir), "train_from": {"name": "timm:test_resnet"}, "train_args": {"max_steps": 3}},
+        student__baseline=True,
+    )
+    path = write(tmp_path, recipe)
+    assert main(["train", path]) == 0
+    out = capsys.readouterr().out
+    for expected in ("teacher", "student (no teacher)", "student (distilled)", "latency b=1", "accuracy",
+                     "distillation vs. no teacher", "pipeline('image-classification'"):
+        assert expected in out, expected
+    student_dir = Path(recipe["training"]["output_dir"])
+    assert (student_dir / "config.json").is_file() and (student_dir / "model.safetensors").is_file()
+    assert (teacher_dir / "config.json").is_file()
+    assert (tmp_path / "out" / "student-baseline" / "config.json").is_file()
+    saved = yaml.safe_load((student_dir / cli.RECIPE_FILE_NAME).read_text())
+    assert saved["terms"][0]["loss"] == "kd"
+
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+
+    classifier = pipeline("image-classification", model=str(student_dir))
+    predictions = classifier(Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype("uint8")))
+    assert predictions and {p["label"] for p in predictions} <= {str(i) for i in range(10)}
+
+    # A second run reuses the saved teacher rather than training it again.
+    assert main(["train", path, "--student.baseline", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "==> training teacher" not in out and "student (distilled)" in out
+
+
+def test_train_without_teacher_fine_tunes(tmp_path, capsys):
+    path = write(tmp_path, tiny_recipe(tmp_path, teacher=None, terms=None))
+    assert main(["train", path]) == 0
+    out = capsys.readouterr().out
+    table = out.split("Summary")[1].splitlines()
+    assert any(line.startswith("student ") for line in table)
+    assert not any(line.startswith(("teacher", "student (")) for line in table)
+
+
+def test_ctrl_c_keeps_checkpoint_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from hfdistill.trainer import DistillationTrainer
+
+    original = DistillationTrainer.training_step
+    calls = {"n": 0}
+
+    def interrupted_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "training_step", interrupted_step)
+    recipe = tiny_recipe(tmp_path)
+    recipe["training"].update(max_steps=8, save_strategy="steps", save_steps=2)
+    assert main(["train", write(tmp_path, recipe)]) == 130
+    err = capsys.readouterr().err
+    checkpoint = Path(recipe["training"]["output_dir"]) / "checkpoint-2"
+    assert f"--training.resume_from_checkpoint {checkpoint}" in err
+    assert (checkpoint / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------ bad input
+def _bad_recipes(tmp_path):
+    csv = tmp_path / "data.csv"
+    csv.write_text("foo,bar\n1,2\n3,4\n5,6\n7,8\n", encoding="utf-8")
+    return {
+        "unknown key": (tiny_recipe(tmp_path, studnet={"name": "timm:test_resnet"}), "studnet"),
+        "unknown model": (tiny_recipe(tmp_path, student__name="timm:not_a_model"), "student.name"),
+        "hub id offline": (tiny_recipe(tmp_path, teacher={"name": "google/vit-base-patch16-224"}), "HF_HUB_OFFLINE"),
+        "timm hub offline": (tiny_recipe(tmp_path, teacher={"name": "hf-hub:timm/resnet18.a1_in1k"}), "HF_HUB_OFFLINE"),
+        "missing columns": (tiny_recipe(tmp_path, data={"name": "csv", "data_files": str(csv)}), "data.image_column"),
+        "label count": (tiny_recipe(tmp_path, teacher={"name": "timm:test_resnet", "pretrained": False, "num_classes": 5}),
+                        "teacher.num_classes"),
+        "student label count": (tiny_recipe(tmp_path, student__num_classes=3), "student.num_classes"),
+        "unknown loss": (tiny_recipe(tmp_path, terms=[{"loss": "kdd"}]), "did you mean 'kd'"),
+        "wrong tap": (tiny_recipe(tmp_path, terms=[{"loss": "fitnet", "student": "layer9", "teacher": "layer3"}]), "layer9"),
+        "terms without teacher": (tiny_recipe(tmp_path, teacher=None), "teacher"),
+        "bad training arg": (tiny_recipe(tmp_path, training={"output_dir": str(tmp_path / "out" / "student"),
+                                                             "learning_rat": 1}), "learning_rate"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown key", "unknown model", "hub id offline", "timm hub offline", "missing columns", "label count",
+     "student label count", "unknown loss", "wrong tap", "terms without teacher", "bad training arg"],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
+    recipe, expected = _bad_recipes(tmp_path)[case]
+    assert main(["train", write(tmp_path, recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "hfdistill: error:" in err and expected in err.replace("\n", " ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_malformed_recipe_files(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n", encoding="utf-8")
+    assert main(["train", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_override_for_missing_key_exits_2(tmp_path, capsys):
+    path = write(tmp_path, tiny_recipe(tmp_path))
+    assert main(["train", path, "--training.no_such_arg", "1"]) == 2
+    assert "training.no_such_arg" in capsys.readouterr().err
+    assert main(["train", path, "--student.colour", "red"]) == 2
+    assert "student.colour" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ losses
+def test_losses_command_lists_every_method(capsys):
+    from hfdistill import losses
+
+    assert main(["losses"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in losses.available())
+    assert main(["losses", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| name | description | paper | reads | trains extra modules |")
+    assert len(table.strip().splitlines()) == len(losses.available()) + 2
+
+
+def test_real_entry_point_in_a_subprocess(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "hfdistill", "losses", "--markdown"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 0 and "| kd |" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "hfdistill", "train", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_text_pair_with_different_tokenizers_end_to_end(tmp_path, capsys):
+    """A config-built BERT teacher and student with their own tokenizers, on a csv file; KD + hidden + attention."""
+    from tests_helpers import TINY_BERT, tiny_tokenizer
+
+    words = ["good", "bad", "movie", "film", "great", "awful", "plot", "actor"]
+    tiny_tokenizer(tmp_path / "tok_s", words)
+    tiny_tokenizer(tmp_path / "tok_t", list(reversed(words)) + ["extra"])
+    rows = ["text,label"] + [f"{a} {b},{'pos' if a in ('good', 'great') else 'neg'}"
+                             for a in ("good", "bad", "great", "awful") for b in ("movie", "film", "plot", "actor")]
+    (tmp_path / "reviews.csv").write_text("\n".join(rows * 3) + "\n", encoding="utf-8")
+    recipe = {
+        "task": "text-classification",
+        "teacher": {"name": "bert", "config": dict(TINY_BERT, num_hidden_layers=4, vocab_size=32),
+                    "tokenizer": str(tmp_path / "tok_t"), "pretrained": False},
+        "student": {"name": "bert", "config": dict(TINY_BERT, vocab_size=32), "tokenizer": str(tmp_path / "tok_s")},
+        "data": {"name": "csv", "data_files": str(tmp_path / "reviews.csv"), "max_length": 16},
+        "terms": [
+            {"loss": "kd", "weight": 0.5},
+            {"loss": "hidden_mse", "student": "hidden_states", "teacher": "hidden_states", "params": {"layer_map": "uniform"}},
+            {"loss": "attention_kl", "student": "attentions", "teacher": "attentions", "params": {"layer_map": "last"}},
+        ],
+        "training": {"output_dir": str(tmp_path / "out" / "student"), "max_steps": 3, "per_device_train_batch_size": 8,
+                     "save_strategy": "no", "use_cpu": True, "report_to": "none"},
+    }
+    assert main(["train", write(tmp_path, recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "student (distilled)" in out and "pipeline('text-classification'" in out
+    from transformers import pipeline
+
+    classifier = pipeline("text-classification", model=str(tmp_path / "out" / "student"))
+    assert classifier("good movie")[0]["label"] in ("neg", "pos")
