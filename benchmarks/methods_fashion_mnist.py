@@ -47,8 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from hfdistill.cli import accuracy  # noqa: E402
 
 TASK = "image-classification"
 IMAGE_SIZE = 28
@@ -263,13 +264,6 @@ def methods(epochs: float) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def accuracy(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred.predictions, eval_pred.label_ids
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    return {"accuracy": float((np.argmax(logits, -1) == labels).mean())}
-
-
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 

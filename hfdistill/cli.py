@@ -182,6 +182,11 @@ class Stage:
     recipe: Recipe | None = None
     metrics: dict = field(default_factory=dict)
     trainer: Any = None
+    # For `student.baseline_seeds`: which side of the comparison this run is and with which seed;
+    # runs of the extra seeds are summarised as mean and std, not as rows of their own.
+    comparison: str | None = None  # "no teacher" or "distilled"
+    seed: int | None = None
+    extra_seed: bool = False
 
 
 @dataclass
@@ -223,6 +228,8 @@ def _require(recipe: Recipe) -> None:
         raise RecipeError("student.train_from", "`train_from`/`train_args` are for the teacher; the student is always trained")
     if recipe.teacher is not None and recipe.teacher.baseline:
         raise RecipeError("teacher.baseline", "`baseline` belongs to the student")
+    if recipe.student.baseline_seeds > 1 and not recipe.student.baseline:
+        raise RecipeError("student.baseline_seeds", "compares seeds of the no-teacher run: set `student.baseline: true`")
     if recipe.teacher is not None and recipe.teacher.train_args and recipe.teacher.train_from is None:
         raise RecipeError("teacher.train_args", "given without `teacher.train_from`")
 
@@ -308,12 +315,26 @@ def plan_run(recipe: Recipe, recipe_path: str | None = None, dataset: Any = None
         check_labels(None, student, raw.num_labels, raw.label_names)
 
     data = build_task_data(raw, task, student, teacher, recipe.data.augment, recipe.data.max_length)
-    if recipe.student.baseline and teacher is not None:
+    comparing = recipe.student.baseline and teacher is not None
+    if comparing:
+        # Extra seeds first (their folders end in -seed<N>), then the first seed's baseline and student.
+        for extra in range(seed + 1, seed + recipe.student.baseline_seeds):
+            for side, folder, with_teacher in (("no teacher", f"{output_dir.rstrip('/')}-baseline-seed{extra}", False),
+                                               ("distilled", f"{output_dir.rstrip('/')}-seed{extra}", True)):
+                set_seed(extra)
+                model = load_model(recipe.student, "student", task, raw.num_labels, id2label, image_size=data_size)
+                training = _stage_training(recipe, folder, {"seed": extra}, final=False)
+                stages.append(Stage(f"student ({side}, seed {extra})", folder, training, model, data,
+                                    teacher if with_teacher else None, recipe if with_teacher else None,
+                                    comparison=side, seed=extra, extra_seed=True))
         set_seed(seed)
         baseline = load_model(recipe.student, "student", task, raw.num_labels, id2label, image_size=data_size)
-        stages.append(Stage("student (no teacher)", f"{output_dir.rstrip('/')}-baseline", _stage_training(recipe, f"{output_dir.rstrip('/')}-baseline", final=False), baseline, data))
+        folder = f"{output_dir.rstrip('/')}-baseline"
+        stages.append(Stage("student (no teacher)", folder, _stage_training(recipe, folder, final=False), baseline, data,
+                            comparison="no teacher", seed=seed))
     label = "student (distilled)" if teacher is not None else "student"
-    stages.append(Stage(label, output_dir, _stage_training(recipe, output_dir), student, data, teacher, recipe))
+    stages.append(Stage(label, output_dir, _stage_training(recipe, output_dir), student, data, teacher, recipe,
+                        comparison="distilled" if comparing else None, seed=seed))
     return Plan(recipe, task, output_dir, stages, raw.label_names, teacher, teacher_folder)
 
 
@@ -502,7 +523,7 @@ def summarise(plan: Plan) -> str:
             )
         )
     for stage in plan.stages:
-        if stage.label == "teacher":
+        if stage.label == "teacher" or stage.extra_seed:
             continue
         model = stage.trainer.student
         inputs = student_inputs
@@ -516,15 +537,34 @@ def summarise(plan: Plan) -> str:
     plan.rows = rows  # the card reads the measured numbers
     lines = [f"Summary ({len(eval_ds)} eval examples; latency measured on this machine, "
              f"{_device_name(final.trainer)})", format_summary(rows)]
-    if len(rows) >= 2 and rows[-2].role == "student (no teacher)":
-        base, distilled = rows[-2].metrics.get("accuracy"), rows[-1].metrics.get("accuracy")
-        if base is not None and distilled is not None:
-            lines.append(f"distillation vs. no teacher: {100 * (distilled - base):+.2f} accuracy points")
+    lines += _seed_comparison(plan)
     lines.append("")
     lines.append("Use the student:")
     lines.append("  from transformers import pipeline")
     lines.append(f"  classifier = pipeline({PIPELINE_TASKS[plan.task]!r}, model={plan.output_dir!r})")
     return "\n".join(lines)
+
+
+def _seed_comparison(plan: Plan) -> list[str]:
+    """Distilled vs no-teacher accuracy, per seed and as mean +- std when several seeds ran."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for stage in plan.stages:
+        accuracy_value = stage.metrics.get("eval_accuracy")
+        if stage.comparison is not None and accuracy_value is not None:
+            by_seed.setdefault(stage.seed, {})[stage.comparison] = accuracy_value
+    pairs = [(v["no teacher"], v["distilled"]) for _, v in sorted(by_seed.items()) if len(v) == 2]
+    if not pairs:
+        return []
+    if len(pairs) == 1:
+        return [f"distillation vs. no teacher: {100 * (pairs[0][1] - pairs[0][0]):+.2f} accuracy points"]
+    base, distilled = np.array(pairs).T
+    gains = 100 * (distilled - base)
+    return [
+        f"over {len(pairs)} seeds ({', '.join(str(s) for s in sorted(by_seed))}): "
+        f"no teacher {base.mean():.4f} +- {base.std(ddof=1):.4f}, distilled {distilled.mean():.4f} +- "
+        f"{distilled.std(ddof=1):.4f}; distillation vs. no teacher {gains.mean():+.2f} +- {gains.std(ddof=1):.2f} "
+        f"accuracy points (per seed: {', '.join(f'{g:+.2f}' for g in gains)})"
+    ]
 
 
 def _device_name(trainer) -> str:
@@ -661,7 +701,7 @@ def _train_command(recipe_path: str, overrides: list[str]) -> int:
         elif stage.label == "teacher":
             lines.append(f"Last checkpoint: {checkpoint}. Resume the teacher with the same command plus "
                          f"`--teacher.train_args.resume_from_checkpoint {checkpoint}`.")
-        elif stage.label == "student (no teacher)":
+        elif stage.label == "student (no teacher)" or stage.extra_seed:
             lines.append(f"Last checkpoint: {checkpoint}. The comparison run restarts when you run the same command again.")
         else:
             lines.append(f"Last checkpoint (left intact): {checkpoint}. Resume with the same command plus "

@@ -103,6 +103,11 @@ class ModelSpec:
         metadata={"help": "student only: also train the same student without the teacher, with the same data and "
                   "arguments, and compare both in the summary"},
     )
+    baseline_seeds: int = field(
+        default=1,
+        metadata={"help": "student only, with `baseline`: compare no teacher vs distilled over this many seeds "
+                  "(training.seed, +1, ...) and report mean and std; the saved student is the first seed's"},
+    )
 
 
 @dataclass
@@ -214,6 +219,8 @@ class Recipe:
                         f"unknown training argument{_suggest(key, allowed)}; any DistillationConfig / "
                         "TrainingArguments field is allowed",
                     )
+        if self.student is not None and self.student.baseline_seeds < 1:
+            raise RecipeError("student.baseline_seeds", f"must be >= 1, got {self.student.baseline_seeds}")
         if self.data is not None and not 0 < self.data.validation_fraction < 1:
             raise RecipeError("data.validation_fraction", f"must be in (0, 1), got {self.data.validation_fraction}")
 

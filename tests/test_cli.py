@@ -271,3 +271,21 @@ def test_text_pair_with_different_tokenizers_end_to_end(tmp_path, capsys):
 
     classifier = pipeline("text-classification", model=str(tmp_path / "out" / "student"))
     assert classifier("good movie")[0]["label"] in ("neg", "pos")
+
+
+def test_baseline_over_several_seeds(tmp_path, capsys):
+    """`student.baseline_seeds`: both sides trained per seed, the gain reported as mean +- std, card written."""
+    recipe = tiny_recipe(tmp_path, student__baseline=True, student__baseline_seeds=2)
+    recipe["training"]["seed"] = 7
+    assert main(["train", write(tmp_path, recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "over 2 seeds (7, 8): no teacher" in out and "per seed:" in out
+    assert "seed 8" not in out.split("Summary")[1].split("over 2 seeds")[0]  # extra seeds are not table rows
+    for folder in ("student", "student-baseline", "student-seed8", "student-baseline-seed8"):
+        assert (tmp_path / "out" / folder / "config.json").is_file(), folder
+    card = (tmp_path / "out" / "student" / "README.md").read_text()
+    assert "hfdistill" in card and "kd" in card
+    with pytest.raises(RecipeError, match="student.baseline_seeds"):
+        cli.load_recipe(write(tmp_path, tiny_recipe(tmp_path, student__baseline_seeds=0)))
+    assert main(["train", write(tmp_path, tiny_recipe(tmp_path, student__baseline_seeds=2), "r2.yaml")]) == 2
+    assert "set `student.baseline: true`" in " ".join(capsys.readouterr().err.split())
