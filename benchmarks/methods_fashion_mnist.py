@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -526,6 +527,11 @@ def write_report(path: Path, records: list[dict], specs: dict, info: dict) -> No
         delta = "-" if method == "baseline" or base_mean is None else f"{mean - base_mean:+.4f}"
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
         seeds = ",".join(str(r["seed"]) for r in runs)
+        # A run whose loss became NaN diverged: say so rather than show its chance-level accuracy bare.
+        diverged = [str(r["seed"]) for r in runs if any(
+            isinstance(v, float) and math.isnan(v) for v in (r.get("last_log") or {}).values())]
+        if diverged:
+            acc += f" (diverged: NaN loss, seed {', '.join(diverged)})"
         lines.append(f"| {method} | {describe_terms(specs[method])} | {seeds} | {acc} | {delta} | {seconds:.0f} s |")
     pending = [m for m in specs if m not in by_method and m not in {r["method"] for r in failed}]
     if pending and info.get("running"):

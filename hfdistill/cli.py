@@ -577,7 +577,9 @@ def _device_name(trainer) -> str:
 
 
 def _print(text: str) -> None:
-    print(text, flush=True)
+    # Under `accelerate launch` every process runs this code: only the main one talks.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, flush=True)
 
 
 # ------------------------------------------------------------------------------- losses table
