@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import datasets
 import safetensors.torch
 import torch
 import torch.nn.functional as F
@@ -318,13 +319,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
                 "the recipe's terms need one dry-run forward to size adapters and check taps, "
                 "but neither train_dataset nor eval_dataset was given"
             )
-        try:
-            import datasets
-
-            if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="training")
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
         if isinstance(dataset, torch.utils.data.IterableDataset):
             examples = [example for example, _ in zip(dataset, range(self.args.dry_run_examples))]
         else:
