@@ -32,6 +32,15 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Learning rate of adapters and trainable loss modules; default: `learning_rate`."},
     )
+    lr_decay_epochs: list[float] | None = field(
+        default=None,
+        metadata={"help": "Step decay of the KD literature (e.g. [150, 180, 210] of 240 epochs): multiply the "
+                  "learning rate by `lr_decay_rate` at each of these epochs. Replaces `lr_scheduler_type`; "
+                  "warm-up still applies."},
+    )
+    lr_decay_rate: float = field(
+        default=0.1, metadata={"help": "Factor applied at each of `lr_decay_epochs`, in (0, 1]."}
+    )
     dry_run_examples: int = field(
         default=2,
         metadata={"help": "Training examples in the dry-run forward that sizes adapters and checks taps."},
@@ -49,5 +58,14 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"DistillationConfig.distill_learning_rate must be > 0, got {self.distill_learning_rate}"
             )
+        if self.lr_decay_epochs is not None:
+            if not self.lr_decay_epochs or any(e <= 0 for e in self.lr_decay_epochs) or list(self.lr_decay_epochs) != sorted(self.lr_decay_epochs):
+                raise ValueError(
+                    f"DistillationConfig.lr_decay_epochs must be increasing epochs > 0, got {self.lr_decay_epochs}"
+                )
+            if self.max_steps > 0:
+                raise ValueError("DistillationConfig.lr_decay_epochs counts epochs: use num_train_epochs, not max_steps")
+        if not 0 < self.lr_decay_rate <= 1:
+            raise ValueError(f"DistillationConfig.lr_decay_rate must be in (0, 1], got {self.lr_decay_rate}")
         if self.dry_run_examples < 1:
             raise ValueError(f"DistillationConfig.dry_run_examples must be >= 1, got {self.dry_run_examples}")

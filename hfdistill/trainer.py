@@ -502,6 +502,25 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
                 optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": own, "lr": distill_lr})
         return optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The Trainer's scheduler, or the literature's step decay when ``lr_decay_epochs`` is set."""
+        decay_epochs = self.args.lr_decay_epochs
+        if decay_epochs is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        # The Trainer plans num_training_steps = epochs x optimiser steps per epoch.
+        steps_per_epoch = num_training_steps / self.args.num_train_epochs
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        rate = self.args.lr_decay_rate
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return rate ** sum(step >= epoch * steps_per_epoch for epoch in decay_epochs)
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
     # ---------------------------------------------------------------- logging
     def _accumulate(self, parts: dict[str, torch.Tensor]) -> None:
         # Device-side sums, read only when logging: no host-device sync per step.

@@ -77,6 +77,7 @@ def test_cifar100_method_recipes_share_one_teacher_and_the_reference_schedule():
         assert recipe.terms, path
         assert recipe.training["num_train_epochs"] == 240 and recipe.training["learning_rate"] == 0.05
         assert recipe.training["per_device_train_batch_size"] == 64 and recipe.training["weight_decay"] == 5e-4
+        assert recipe.training["lr_decay_epochs"] == [150, 180, 210] and recipe.training["lr_decay_rate"] == 0.1
         assert recipe.teacher.name in ("runs/cifar100/resnet32x4", "runs/cifar100/resnet8x4"), path
         for term in recipe.terms:  # warm-ups in epochs are the papers' 20 of 240
             for key in ("warmup", "warmup_epochs"):

@@ -389,3 +389,27 @@ def test_text_pair_hidden_states_and_attentions(tmp_path):
     assert {"loss_kd", "loss_hidden_mse", "loss_attention_kl"} <= set(logs[-1])
     assert logs[-1]["loss_hidden_mse"] < logs[0]["loss_hidden_mse"]
     assert "hidden_mse" in trainer.model.losses and any(True for _ in trainer.model.losses["hidden_mse"].parameters())
+
+
+def test_step_decay_of_the_literature(tmp_path, digits):
+    train, _ = digits
+    trainer = DistillationTrainer(
+        model=tiny_timm(), args=make_args(tmp_path, max_steps=-1, num_train_epochs=4, learning_rate=0.1,
+                                          lr_decay_epochs=[2, 3], lr_decay_rate=0.1, optim="sgd"),
+        train_dataset=train,
+    )
+    trainer.create_optimizer()
+    scheduler = trainer.create_scheduler(num_training_steps=40)  # 10 steps per epoch
+    lrs = []
+    for _ in range(40):
+        lrs.append(scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[19] == pytest.approx(0.1)
+    assert lrs[20] == pytest.approx(0.01) and lrs[29] == pytest.approx(0.01) and lrs[30] == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="increasing epochs"):
+        DistillationConfig(output_dir="x", use_cpu=True, lr_decay_epochs=[180, 150])
+    with pytest.raises(ValueError, match="not max_steps"):
+        DistillationConfig(output_dir="x", use_cpu=True, lr_decay_epochs=[1], max_steps=10)
+    with pytest.raises(ValueError, match="lr_decay_rate"):
+        DistillationConfig(output_dir="x", use_cpu=True, lr_decay_rate=0)
