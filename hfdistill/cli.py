@@ -540,9 +540,25 @@ def summarise(plan: Plan) -> str:
     lines += _seed_comparison(plan)
     lines.append("")
     lines.append("Use the student:")
-    lines.append("  from transformers import pipeline")
-    lines.append(f"  classifier = pipeline({PIPELINE_TASKS[plan.task]!r}, model={plan.output_dir!r})")
+    if _input_channels(final.trainer.student) == 1:
+        # pipeline() converts every image to RGB, which a 1-channel model cannot take.
+        lines.append("  (it takes 1-channel images, and pipeline() always feeds RGB: load it directly instead;")
+        lines.append("   give both models 3 channels, the grey image repeated, to use pipeline())")
+        lines.append("  from transformers import AutoModelForImageClassification")
+        lines.append(f"  model = AutoModelForImageClassification.from_pretrained({plan.output_dir!r})")
+    else:
+        lines.append("  from transformers import pipeline")
+        lines.append(f"  classifier = pipeline({PIPELINE_TASKS[plan.task]!r}, model={plan.output_dir!r})")
     return "\n".join(lines)
+
+
+def _input_channels(model) -> int | None:
+    """Image channels a saved student expects (timm pretrained_cfg or a transformers vision config)."""
+    config = getattr(model, "config", None)
+    pretrained_cfg = getattr(config, "pretrained_cfg", None)
+    if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("input_size"):
+        return int(pretrained_cfg["input_size"][0])
+    return getattr(config, "num_channels", None)
 
 
 def _seed_comparison(plan: Plan) -> list[str]:

@@ -289,3 +289,17 @@ def test_baseline_over_several_seeds(tmp_path, capsys):
         cli.load_recipe(write(tmp_path, tiny_recipe(tmp_path, student__baseline_seeds=0)))
     assert main(["train", write(tmp_path, tiny_recipe(tmp_path, student__baseline_seeds=2), "r2.yaml")]) == 2
     assert "set `student.baseline: true`" in " ".join(capsys.readouterr().err.split())
+
+
+def test_one_channel_student_is_not_offered_to_pipeline(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, teacher=None, terms=[])
+    recipe["student"]["kwargs"] = {"in_chans": 1}
+    assert main(["train", write(tmp_path, recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline() always feeds RGB" in out and "from_pretrained" in out
+    assert "classifier = pipeline(" not in out
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(recipe["training"]["output_dir"])
+    assert model(pixel_values=torch.zeros(1, 1, 16, 16)).logits.shape == (1, 10)
