@@ -695,14 +695,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _train_command(args.recipe, extra)
 
 
+def reproduce_command(recipe_path: str, overrides: Sequence[str]) -> str:
+    """The command line for the model card, without any token: `--x.hub_token VALUE` loses both parts."""
+    kept, skip_value = [], False
+    for part in overrides:
+        if skip_value:
+            skip_value = False
+            continue
+        if part.startswith("--") and "token" in part:
+            skip_value = "=" not in part
+            continue
+        kept.append(part)
+    return " ".join(["hfdistill", "train", recipe_path, *kept])
+
+
 def _train_command(recipe_path: str, overrides: list[str]) -> int:
     from .taps import TapError
     from .trainer import DistillationError
 
     try:
         recipe = load_recipe(recipe_path, overrides)
-        command = " ".join(["hfdistill", "train", recipe_path, *(o for o in overrides if "token" not in o)])
-        run_recipe(recipe, recipe_path, command=command)
+        run_recipe(recipe, recipe_path, command=reproduce_command(recipe_path, overrides))
     except (RecipeError, DistillationError, TapError) as exc:
         _error(str(exc))
         return EXIT_BAD_INPUT

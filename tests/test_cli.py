@@ -303,3 +303,10 @@ def test_one_channel_student_is_not_offered_to_pipeline(tmp_path, capsys):
 
     model = AutoModelForImageClassification.from_pretrained(recipe["training"]["output_dir"])
     assert model(pixel_values=torch.zeros(1, 1, 16, 16)).logits.shape == (1, 10)
+
+
+def test_reproduce_command_never_holds_a_token():
+    command = cli.reproduce_command(
+        "r.yaml", ["--training.hub_token", "hf_secret", "--training.learning_rate", "0.1", "--training.hub_token=hf_x"]
+    )
+    assert command == "hfdistill train r.yaml --training.learning_rate 0.1"
