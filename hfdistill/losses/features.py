@@ -84,6 +84,23 @@ def _check_batch_for_bn(x: torch.Tensor, module: nn.Module, loss: str) -> None:
             f"{loss}: needs a batch of at least 2 examples in training (its BatchNorm layers use batch statistics)"
         )
 
+def _through_own_module(module: nn.Module, attr: str, loss: str, student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, C, H, W] student map through the method's own module (FT's translator, OFD's connector), and the teacher map.
+
+    The larger map is pooled to the smaller size first; both come back in float32 with equal shapes.
+    """
+    _require_configured(module, attr, loss)
+    s, t = _single(student, loss), _single(teacher, loss)
+    _require_dims(s, (4,), loss, "student")
+    _require_dims(t, (4,), loss, "teacher")
+    s, t = pool_to_smaller(s.float(), t.float())
+    mapped = getattr(module, attr)(s).float()
+    if mapped.shape != t.shape:
+        raise ValueError(f"{loss}: the student through its {attr} is {tuple(mapped.shape)} but the teacher is "
+                         f"{tuple(t.shape)}; configure was called with other shapes")
+    return mapped, t
+
+
 
 # --------------------------------------------------------------------------------------------
 # FitNets hint loss
@@ -312,15 +329,7 @@ class FTLoss(nn.Module):
         self.translator = nn.Sequential(*_conv_bn_lrelu(cs, cs), *_conv_bn_lrelu(cs, ct), *_conv_bn_lrelu(ct, ct))
 
     def forward(self, student, teacher) -> torch.Tensor:
-        _require_configured(self, "translator", "ft")
-        s, t = _single(student, "ft"), _single(teacher, "ft")
-        _require_dims(s, (4,), "ft", "student")
-        _require_dims(t, (4,), "ft", "teacher")
-        s, t = pool_to_smaller(s.float(), t.float())
-        factor_s = self.translator(s).float()
-        if factor_s.shape != t.shape:
-            raise ValueError(f"ft: translated student {tuple(factor_s.shape)} != teacher factor {tuple(t.shape)}; "
-                             "configure was called with other shapes")
+        factor_s, t = _through_own_module(self, "translator", "ft", student, teacher)
         u_s = F.normalize(factor_s.flatten(1), dim=1)
         u_t = F.normalize(t.flatten(1), dim=1)
         return (u_s - u_t).abs().pow(self.p).mean()
@@ -446,15 +455,7 @@ class OFDLoss(nn.Module):
         return torch.where(self.neg_count > 0, self.neg_mean, batch_mean)
 
     def forward(self, student, teacher) -> torch.Tensor:
-        _require_configured(self, "connector", "ofd")
-        s, t = _single(student, "ofd"), _single(teacher, "ofd")
-        _require_dims(s, (4,), "ofd", "student")
-        _require_dims(t, (4,), "ofd", "teacher")
-        s, t = pool_to_smaller(s.float(), t.float())
-        source = self.connector(s).float()
-        if source.shape != t.shape:
-            raise ValueError(f"ofd: connected student {tuple(source.shape)} != teacher {tuple(t.shape)}; "
-                             "configure was called with other shapes")
+        source, t = _through_own_module(self, "connector", "ofd", student, teacher)
         margin = self._current_margin(t).view(1, -1, 1, 1)
         target = torch.maximum(t, margin)
         keep = (source > target) | (target > 0)
