@@ -219,7 +219,7 @@ def _require(recipe: Recipe) -> None:
     if recipe.teacher is None:
         from . import losses
 
-        needy = [t.loss for t in recipe.terms if getattr(losses.build(t.loss, **t.params), "needs_teacher", True)]
+        needy = [t.loss for t in recipe.terms if losses.needs_teacher(t.loss, t.params)]
         if needy:
             raise RecipeError("teacher", f"the recipe's term(s) {needy} need a teacher but there is no `teacher:`; add one, or remove those terms to train the student alone")
     if recipe.teacher is not None and not recipe.terms:
@@ -368,26 +368,6 @@ def _terms_recipe(recipe: Recipe | None) -> Recipe:
     return Recipe(terms=list(recipe.terms), task_weight=recipe.task_weight)
 
 
-class _DirectoryGuard:
-    """Remove the folders a failed trainer construction created, only when they are still empty."""
-
-    def __init__(self, path: str):
-        self.created = []
-        current = Path(path).resolve()
-        while not current.exists():
-            self.created.append(current)
-            current = current.parent
-
-    def cleanup(self) -> None:
-        for folder in self.created:  # deepest first
-            if not folder.exists():
-                continue
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: something else wrote there, leave it
-                return
-
-
 def _check_terms_early(plan: Plan) -> None:
     """When the teacher is trained first, check the distillation terms against its untrained copy now,
     so that a wrong tap fails in seconds rather than after the teacher's training."""
@@ -413,15 +393,8 @@ def _check_terms_early(plan: Plan) -> None:
 
 def run_stage(stage: Stage, plan: Plan, resume_from_checkpoint: str | None = None) -> dict:
     """Train, evaluate and save one stage; returns its eval metrics."""
-    guard = _DirectoryGuard(stage.output_dir)
-    from .taps import TapError
-    from .trainer import DistillationError
-
-    try:
-        trainer = _build_trainer(stage, plan)
-    except (DistillationError, RecipeError, TapError):
-        guard.cleanup()
-        raise
+    # A trainer that cannot be built removes the folders it made itself (bad input writes nothing).
+    trainer = _build_trainer(stage, plan)
     stage.trainer = trainer
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics = trainer.evaluate()

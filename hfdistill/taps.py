@@ -154,20 +154,17 @@ class ModelTaps:
                 self._modules[text] = module
             else:
                 self._outputs.append(tap)
+        # What the model's forward must be asked for (fixed with the taps, so computed once).
+        self.forward_kwargs: dict[str, bool] = {}
+        for tap in self._outputs:
+            name = tap.path.split(".")[0]
+            if name == "hidden_states":
+                self.forward_kwargs["output_hidden_states"] = True
+            elif name == "attentions":
+                self.forward_kwargs["output_attentions"] = True
         self._store: dict[str, torch.Tensor] = {}
         self._recording = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    # ---- what the model must be asked for ----
-    @property
-    def forward_kwargs(self) -> dict[str, bool]:
-        kwargs = {}
-        for tap in self._outputs:
-            if tap.path.split(".")[0] == "hidden_states":
-                kwargs["output_hidden_states"] = True
-            elif tap.path.split(".")[0] == "attentions":
-                kwargs["output_attentions"] = True
-        return kwargs
 
     # ---- hooks ----
     def attach(self) -> None:

@@ -194,7 +194,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             )
         self.recipe = self._load_recipe(recipe, teacher)
         if teacher is None:
-            needy = [t.loss for t in self.recipe.terms if getattr(loss_registry.build(t.loss, **t.params), "needs_teacher", True)]
+            needy = [t.loss for t in self.recipe.terms if loss_registry.needs_teacher(t.loss, t.params)]
             if needy:
                 raise DistillationError(
                     f"the recipe's term(s) {needy} need a teacher but none was given; "
@@ -217,14 +217,13 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             kwargs["processing_class"] = TimmWrapperImageProcessor(
                 pretrained_cfg=student.config.pretrained_cfg, architecture=student.config.architecture
             )
-        output_dir_existed = os.path.exists(args.output_dir)
+        created = _missing_folders(args.output_dir)
         super().__init__(model=DistillationModel(student, tap_root), args=args, **kwargs)
         try:
             self._setup_distillation(teacher, teacher_inputs, tap_root)
         except Exception:
-            # Bad input must leave nothing behind: drop the output folder the Trainer just made, if still empty.
-            if not output_dir_existed and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
-                os.rmdir(args.output_dir)
+            # Bad input must leave nothing behind: drop the folders the Trainer just made, while still empty.
+            _remove_empty_folders(created)
             raise
 
     def _setup_distillation(self, teacher: nn.Module | None, teacher_inputs, tap_root: nn.Module) -> None:
@@ -249,6 +248,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
 
         distill = self.model
         distill.terms = self._resolve_terms()
+        self._loss_field_names = {name for term in distill.terms for name in term.fields}
         distill.student_taps = ModelTaps(tap_root, [t for term in distill.terms for t in term.student_taps], "student")
         self.teacher_taps = ModelTaps(
             self.teacher if self.teacher is not None else nn.Module(),
@@ -461,9 +461,9 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         if self.task_weight == 0:
             student_inputs = {k: v for k, v in student_inputs.items() if k not in self.label_names}
         teacher_features = self._teacher_features(inputs)
-        needed = {name for term in distill.terms for name in term.fields}
         outputs, term_losses = model(
-            teacher_features=teacher_features, loss_fields=self._loss_fields(inputs, needed), **student_inputs
+            teacher_features=teacher_features, loss_fields=self._loss_fields(inputs, self._loss_field_names),
+            **student_inputs,
         )
         parts = dict(term_losses)
         if self.task_weight > 0:
@@ -633,6 +633,24 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing, current = [], os.path.abspath(path)
+    while not os.path.exists(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    return missing
+
+
+def _remove_empty_folders(folders: list[str]) -> None:
+    for folder in folders:  # deepest first; stop at the first one something else wrote into
+        try:
+            if os.path.isdir(folder):
+                os.rmdir(folder)
+        except OSError:
+            return
 
 
 def load_student_weights(student: PreTrainedModel, folder: str) -> None:

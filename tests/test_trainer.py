@@ -279,11 +279,11 @@ def test_shape_mismatch_without_adapter_suggests_one(tmp_path, digits):
         DistillationTrainer(
             model=tiny_timm("test_efficientnet", seed=2), teacher=tiny_timm(seed=1),
             recipe={"terms": [{"loss": "mse", "student": "blocks.1", "teacher": "layer2"}]},
-            args=make_args(tmp_path), train_dataset=train,
+            args=make_args(tmp_path, output_dir=str(tmp_path / "runs" / "student")), train_dataset=train,
         )
     message = str(info.value)
     assert "shape" in message and "adapter: conv1x1" in message
-    assert not os.path.exists(tmp_path / "out")
+    assert not os.path.exists(tmp_path / "runs")  # the output folder and the parent made for it are gone
 
 
 def test_terms_without_teacher_and_plain_finetuning(tmp_path, digits):

@@ -5,7 +5,7 @@
 >>> kd = losses.build("kd", temperature=4.0)
 """
 
-from .registry import LossInfo, available, build, get_info, register_loss
+from .registry import LossInfo, available, build, get_info, needs_teacher, register_loss
 
 # Importing the family modules registers their losses.
 from . import logits  # noqa: E402,F401
@@ -13,4 +13,4 @@ from . import features  # noqa: E402,F401
 from . import relations  # noqa: E402,F401
 from . import sequence  # noqa: E402,F401
 
-__all__ = ["LossInfo", "available", "build", "get_info", "register_loss"]
+__all__ = ["LossInfo", "available", "build", "get_info", "needs_teacher", "register_loss"]

@@ -134,3 +134,8 @@ def build(name: str, **params) -> nn.Module:
 def as_list(x: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """Normalise a single tap or a list of taps to a list (multi-layer methods accept both)."""
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def needs_teacher(name: str, params: dict | None = None) -> bool:
+    """Whether a term with this loss and parameters reads a teacher model (Tf-KD's virtual teacher does not)."""
+    return getattr(build(name, **(params or {})), "needs_teacher", True)
