@@ -9,6 +9,10 @@ the compression, teacher vs student metrics, the command to reproduce and how to
 
 :func:`write_model_card` writes ``README.md`` plus ``distill_results.json``, the same values as data
 (the metrics travel with the student, and ``hfdistill push`` can re-render the card for another repo).
+
+This module builds the card; it does not talk to the Hub. Writing a whole result folder and pushing it
+is :mod:`hfdistill.publish`; sizes and their formats come from :mod:`hfdistill.summary`, file names from
+:mod:`hfdistill.outputs`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from .hub import CARD_NAME, RECIPE_NAME, RESULTS_NAME, hub_repo_id, read_json
+from .outputs import ALL_RESULTS_NAME, CARD_NAME, EVAL_RESULTS_NAME, RECIPE_NAME, RESULTS_NAME, hub_repo_id
+from .summary import folder_stats, format_bytes, format_count, model_stats  # noqa: F401 - model_stats re-exported
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "modelcard.md"
 BASE_TAGS = ["hfdistill", "knowledge-distillation", "distillation"]
@@ -46,6 +51,16 @@ EXAMPLE_INPUT = {
 
 
 # ----------------------------------------------------------------------------- small helpers
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from ``path``; ``{}`` when it is missing, unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def task_of_architecture(architecture: str | None) -> str | None:
     """The pipeline tag of a transformers architecture name (``BertForSequenceClassification`` -> text-classification)."""
     for suffix, task in TASK_OF_ARCHITECTURE:
@@ -78,24 +93,6 @@ def split_metrics(metrics: Mapping[str, Any] | None, prefix: str = "eval") -> tu
             continue
         target[name] = float(value)
     return student, teacher
-
-
-def format_count(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
-
-
-def format_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def format_metric(value: float | None) -> str:
@@ -203,23 +200,6 @@ def _default_command(recipe: Mapping[str, Any]) -> str:
         return f"hfdistill train {RECIPE_NAME}"
     return (f"# trained with the Python API (DistillationTrainer); {RECIPE_NAME} holds its terms.\n"
             f"# Add `teacher`, `student` and `data` to it to rerun with `hfdistill train {RECIPE_NAME}`.")
-
-
-def model_stats(model: Any) -> tuple[int | None, int | None]:
-    """(parameters, bytes of parameters and buffers) of a module; tied tensors are counted once."""
-    if model is None:
-        return None, None
-    seen: set = set()
-    params, size = 0, 0
-    tensors = [(t, True) for t in model.parameters()] + [(t, False) for t in model.buffers()]
-    for tensor, is_param in tensors:
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        size += tensor.numel() * tensor.element_size()
-        params += tensor.numel() if is_param else 0
-    return params, size
 
 
 def model_name(model: Any) -> str | None:
@@ -426,35 +406,14 @@ def summary_from_folder(folder: str | os.PathLike) -> dict[str, Any]:
     if "student_id" not in summary:
         summary["student_id"] = config.get("architecture") or architecture
     if "student_metrics" not in summary:
-        metrics = {**read_json(folder / "eval_results.json"), **read_json(folder / "all_results.json")}
+        metrics = {**read_json(folder / EVAL_RESULTS_NAME), **read_json(folder / ALL_RESULTS_NAME)}
         if metrics:
             summary["student_metrics"] = metrics
     if "student_params" not in summary or "student_size_bytes" not in summary:
-        params, size = _weights_stats(folder)
+        params, size = folder_stats(folder)
         summary.setdefault("student_params", params)
         summary.setdefault("student_size_bytes", size)
     return {k: v for k, v in summary.items() if v is not None}
-
-
-def _weights_stats(folder: Path) -> tuple[int | None, int | None]:
-    """Parameter count (from safetensors headers, without loading tensors) and bytes of the weights."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        return None, None
-    count, size = 0, 0
-    for file in files:
-        size += file.stat().st_size
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key.endswith("num_batches_tracked"):
-                    continue
-                numel = 1
-                for dim in f.get_slice(key).get_shape():
-                    numel *= dim
-                count += numel
-    return count, size
 
 
 def refresh_card(folder: str | os.PathLike, model_id: str) -> Path | None:

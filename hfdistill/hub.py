@@ -1,71 +1,53 @@
-"""The Hugging Face Hub: loading teachers and students from it, and sharing the distilled student.
+"""The Hugging Face Hub: loading teachers and students from it, uploading folders to it, and its errors.
 
 Loading goes through ``huggingface_hub``'s normal cache (``HF_HOME``/``HF_HUB_CACHE``) and honours
 ``HF_HUB_OFFLINE``, ``revision`` and ``token``; whatever the Hub or the network answers is turned into
 one :class:`HubError` whose message says what failed and what to do (:func:`wrap_hub_errors`).
 
-Pushing uploads a finished student folder: weights, config, preprocessing config or tokenizer, the
-recipe (``distill_recipe.yaml``), the metrics (``distill_results.json``, ``all_results.json``) and the
-model card. Never the teacher, adapters or loss state (``distill_state.safetensors``), Trainer
-checkpoints, or a token: every file is checked for the token before anything leaves the machine.
-If the Hub is unreachable or refuses, the local folder stays complete and :func:`push_result`
-(``hfdistill push OUTPUT_DIR --hub_model_id ...``) pushes it later.
+Uploading (:func:`push_folder`) sends a folder without what :data:`~hfdistill.outputs.PUSH_IGNORE_PATTERNS`
+keeps local (Trainer checkpoints, ``distill_state*``, the teacher) and refuses to send any file that holds
+the token. What a result folder holds, and pushing one (``hfdistill push``), is :mod:`hfdistill.publish`;
+this module knows nothing of model cards or recipes.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import mmap
 import os
-import re
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import HubError, ResultFolderError  # noqa: F401 - re-exported
+from .outputs import (  # noqa: F401 - re-exported: these names were defined here before outputs.py
+    CARD_NAME,
+    CHECKPOINT_IGNORE_PATTERNS,
+    DISTILL_STATE_PREFIX,
+    PUSH_IGNORE_PATTERNS,
+    RECIPE_NAME,
+    RESULTS_NAME,
+    STUDENT_WEIGHTS,
+    hub_repo_id,
+)
+
 logger = logging.getLogger(__name__)
 
-RECIPE_NAME = "distill_recipe.yaml"
-RESULTS_NAME = "distill_results.json"
-CARD_NAME = "README.md"
-DISTILL_STATE_PREFIX = "distill_state"
-# Files in a student folder that are never pushed. transformers' own patterns ("_*", "checkpoint-*") first;
-# then what belongs to distillation, not to the student (DESIGN.md, contract 4).
-PUSH_IGNORE_PATTERNS = [
-    "_*",
-    "checkpoint-*",
-    "checkpoint-*/*",
-    f"{DISTILL_STATE_PREFIX}*",
-    f"*/{DISTILL_STATE_PREFIX}*",
-    "teacher*",
-    "teacher*/*",
-    ".cache/*",
-]
-# Checkpoint pushes (hub_strategy checkpoint / all_checkpoints) carry optimizer state but never loss state.
-CHECKPOINT_IGNORE_PATTERNS = [f"{DISTILL_STATE_PREFIX}*", f"*/{DISTILL_STATE_PREFIX}*"]
-STUDENT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Formats a PyTorch loader never reads: not downloaded by `download_model`.
 NON_TORCH_PATTERNS = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.gguf", "*.mlmodel",
                       "flax_model*", "tf_model*", "rust_model*", "onnx/*", "openvino/*", "coreml/*"]
 LOGIN_HINT = "pass a token (`token=...`, `--hub_token`, or the HF_TOKEN environment variable) or run `huggingface-cli login`"
+# Names that moved to hfdistill.publish (writing and pushing result folders); still importable from here.
+_MOVED_TO_PUBLISH = ("write_recipe", "check_result_folder", "push_result", "push_main")
 
 
-class HubError(RuntimeError):
-    """Something on the Hub side failed; the message says what and what to do.
+def __getattr__(name: str) -> Any:
+    # Lazy, so that importing hub never imports publish (which imports hub): no import cycle.
+    if name in _MOVED_TO_PUBLISH:
+        from . import publish
 
-    ``reason`` is one of ``unreachable``, ``offline``, ``auth``, ``forbidden``, ``not_found``, ``gated``,
-    ``revision``, ``invalid``, ``token_leak`` or ``http``.
-    """
-
-    def __init__(self, message: str, reason: str = "http"):
-        super().__init__(message)
-        self.reason = reason
-
-
-class ResultFolderError(ValueError):
-    """The folder given to ``push_result`` is not a finished student folder (bad input, exit code 2)."""
+        return getattr(publish, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -282,23 +264,6 @@ def wrap_hub_errors(
 
 
 # ----------------------------------------------------------------------------- loading
-def hub_repo_id(name: str) -> str | None:
-    """The Hub repo id a model name refers to, or None (timm names, local folders).
-
-    ``hf-hub:org/name`` and ``hf-hub:org/name@rev`` (timm's syntax) give ``org/name``; a transformers id
-    ``org/name`` is returned as is unless a local folder of that name exists.
-    """
-    if not name:
-        return None
-    if name.startswith("hf-hub:"):
-        return name[len("hf-hub:"):].split("@")[0]
-    if name.startswith(("timm:", "/", "./", "../", "~")) or os.path.exists(name):
-        return None
-    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not name.endswith((".", "-")) and ".." not in name:
-        return name
-    return None
-
-
 def download_model(
     model_id: str,
     *,
@@ -353,31 +318,6 @@ def model_license(model_id: str, *, revision: str | None = None, token: str | bo
 
 
 # ----------------------------------------------------------------------------- pushing
-def write_recipe(recipe: Any, output_dir: str | os.PathLike) -> Path | None:
-    """Write the recipe a student was made with as ``distill_recipe.yaml``, without any token.
-
-    ``recipe`` is a :class:`~hfdistill.Recipe` (or a dict of recipe data). Keys of ``training`` that
-    hold tokens (``hub_token``, ...) are dropped: the recipe is pushed with the student.
-    """
-    if recipe is None:
-        return None
-    from .recipe import Recipe
-
-    data = recipe.to_dict() if isinstance(recipe, Recipe) else dict(recipe)
-    training = data.get("training")
-    if isinstance(training, dict):
-        data["training"] = {k: v for k, v in training.items() if not k.endswith("token")}
-        if not data["training"]:
-            del data["training"]
-    import yaml
-
-    path = Path(output_dir) / RECIPE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "# Written by hfdistill; `hfdistill train distill_recipe.yaml` reruns it (with models and data).\n"
-    path.write_text(text + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
 def files_to_push(folder: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
     """The paths (relative, POSIX) ``upload_folder`` would send from ``folder`` with these ignore patterns."""
     from huggingface_hub.utils import filter_repo_objects
@@ -467,93 +407,3 @@ def push_later_hint(output_dir: str | os.PathLike, repo_id: str | None) -> str:
     target = f" --hub_model_id {repo_id}" if repo_id else " --hub_model_id <user>/<name>"
     return (f"The local student, card and checkpoints in {output_dir} are complete; push them later with "
             f"`hfdistill push {output_dir}{target}`.")
-
-
-def check_result_folder(output_dir: str | os.PathLike) -> Path:
-    """``output_dir`` as a Path when it holds a saved student; else :class:`ResultFolderError` saying what is missing."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        raise ResultFolderError(f"{output_dir} is not a folder; give the output_dir of a finished `hfdistill train` run")
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("config.json")
-    if not any((folder / name).is_file() for name in STUDENT_WEIGHTS):
-        missing.append("model.safetensors")
-    if missing:
-        checkpoints = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
-        advice = (f" It holds Trainer checkpoints ({', '.join(checkpoints[-3:])}): push a finished run, or save the "
-                  "student with `trainer.save_model()`." if checkpoints else
-                  " It should be what `trainer.save_model()` or `hfdistill train` writes.")
-        raise ResultFolderError(f"{output_dir} is not a student folder: it has no {' or '.join(missing)}.{advice}")
-    return folder
-
-
-def push_result(
-    output_dir: str | os.PathLike,
-    hub_model_id: str,
-    token: str | None = None,
-    private: bool | None = None,
-    revision: str | None = None,
-    commit_message: str = "Upload distilled student with hfdistill",
-):
-    """Push a finished result folder (student, card, recipe, metrics) to ``hub_model_id``.
-
-    What ``hfdistill push OUTPUT_DIR --hub_model_id ...`` runs, e.g. after a push that failed. Writes a
-    model card from the folder's contents when it has none (or when the card was generated for
-    another repo id). Returns the ``CommitInfo``. Raises :class:`ResultFolderError` for a folder that
-    is not a student, :class:`HubError` when the Hub cannot be reached or refuses.
-    """
-    from . import card as card_module
-
-    folder = check_result_folder(output_dir)
-    if not hub_model_id or "/" not in hub_model_id.strip("/"):
-        raise ResultFolderError(f"hub_model_id must be `<user or org>/<name>`, got {hub_model_id!r}")
-    card_module.refresh_card(folder, hub_model_id)
-    repo_id = ensure_repo(hub_model_id, token=token, private=private)
-    if revision not in (None, "main"):
-        from huggingface_hub import HfApi
-
-        with wrap_hub_errors(repo_id, action="push", token=token):
-            HfApi().create_branch(repo_id, branch=revision, token=token, exist_ok=True)
-    return push_folder(folder, repo_id, token=token, revision=revision, commit_message=commit_message)
-
-
-def push_main(argv: list[str] | None = None) -> int:
-    """``hfdistill push OUTPUT_DIR --hub_model_id USER/NAME``: exit 0 pushed, 2 bad input, 1 push failed."""
-    parser = argparse.ArgumentParser(
-        prog="hfdistill push",
-        description="Push a distilled student folder (weights, config, processor/tokenizer, recipe, metrics, model "
-        "card) to the Hugging Face Hub. Checkpoints, adapters, loss state and the teacher are never pushed.",
-    )
-    parser.add_argument("output_dir", help="the output_dir of a finished run (what `trainer.save_model()` wrote)")
-    parser.add_argument("--hub_model_id", required=True, help="the repo to push to: <user or org>/<name>")
-    parser.add_argument("--hub_token", "--token", dest="token", default=None,
-                        help="a write token; default: HF_TOKEN or the `huggingface-cli login` token")
-    parser.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
-                        help="create the repo private (no effect when it exists)")
-    parser.add_argument("--revision", default=None, help="branch to push to (created if needed); default main")
-    parser.add_argument("--commit_message", default="Upload distilled student with hfdistill")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse exits 2 on bad usage, 0 on --help
-        return int(exit_.code or 0)
-    try:
-        info = push_result(args.output_dir, args.hub_model_id, token=args.token, private=args.private,
-                           revision=args.revision, commit_message=args.commit_message)
-    except ResultFolderError as error:
-        print(f"hfdistill push: {error}", file=sys.stderr)
-        return 2
-    except HubError as error:
-        print(f"hfdistill push: push failed: {error}", file=sys.stderr)
-        return 1
-    print(f"Pushed {args.output_dir} to {getattr(info, 'commit_url', None) or args.hub_model_id}")
-    return 0
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}

@@ -5,6 +5,10 @@ Pushing behaves as in ``transformers.Trainer`` (``push_to_hub``, ``hub_model_id`
 (never the teacher, adapters or loss state, nor checkpoints under ``hub_strategy="end"``); the model
 card is hfdistill's; the folder is complete on disk before anything is sent; and the token is never
 written to a file.
+
+What goes into the folder is written by :func:`hfdistill.publish.write_result` (recipe, metrics, card);
+the values of the card come from the trainer (:meth:`HubTrainerMixin._card_values`); the upload is
+:func:`hfdistill.hub.push_folder`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from typing import Any
 import torch
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from . import card, hub
+from . import card, hub, publish
+from .outputs import CHECKPOINT_IGNORE_PATTERNS
+from .summary import model_stats, size_on_disk
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +108,9 @@ class HubTrainerMixin:
         }
         values = {**self._card_values(), **getattr(self, "_card_info", {}),
                   **{k: v for k, v in given.items() if v is not None}, **card_values}
-        output_dir = self.args.output_dir
-        hub.write_recipe(values.get("recipe"), output_dir)
         train_metrics, eval_metrics, teacher_metrics = card.metrics_from_log_history(self.state.log_history)
-        results_path = os.path.join(output_dir, "all_results.json")
-        if not os.path.exists(results_path) and (train_metrics or eval_metrics):
-            with open(results_path, "w", encoding="utf-8") as f:
-                json.dump({**train_metrics, **eval_metrics, **teacher_metrics}, f, indent=2, sort_keys=True)
-        card.write_model_card(output_dir, **values)
+        metrics = {**train_metrics, **eval_metrics, **teacher_metrics} if train_metrics or eval_metrics else None
+        publish.write_result(self.args.output_dir, values, metrics=metrics)
 
     def _card_values(self) -> dict[str, Any]:
         """What the trainer itself knows for the card: models, recipe, metrics, hyper-parameters."""
@@ -123,10 +124,8 @@ class HubTrainerMixin:
         if teacher_id is None or not (teacher_id.startswith("timm:") or hub.hub_repo_id(teacher_id)):
             teacher_id = card.model_name(self.teacher)  # a local folder: name what it is, not where it was
         _, student_eval, teacher_eval = card.metrics_from_log_history(self.state.log_history)
-        student_params, student_bytes = card.model_stats(student)
-        teacher_params, teacher_bytes = card.model_stats(self.teacher)
-        weights = [os.path.join(self.args.output_dir, f) for f in os.listdir(self.args.output_dir)
-                   if f.startswith("model") and f.endswith(".safetensors")] if os.path.isdir(self.args.output_dir) else []
+        student_params, _ = model_stats(student)
+        teacher_params, teacher_bytes = model_stats(self.teacher)
         license_ = None
         if self.teacher is not None:
             # timm keeps the license of its pretrained weights in pretrained_cfg (also in a wrapper's config).
@@ -171,7 +170,7 @@ class HubTrainerMixin:
             "teacher_metrics": teacher_eval or None,
             "student_params": student_params,
             "teacher_params": teacher_params,
-            "student_size_bytes": sum(os.path.getsize(w) for w in weights) if weights else student_bytes,
+            "student_size_bytes": size_on_disk(student, self.args.output_dir),
             "teacher_size_bytes": teacher_bytes,
             "training_hyperparameters": hyper,
         }
@@ -241,7 +240,7 @@ class HubTrainerMixin:
             self.processing_class.save_pretrained(output_dir)
         with self._hub_token_hidden():
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        hub.write_recipe(getattr(self, "_card_info", {}).get("recipe") or self.recipe, output_dir)
+        publish.write_recipe(getattr(self, "_card_info", {}).get("recipe") or self.recipe, output_dir)
         if self.args.save_strategy == SaveStrategy.STEPS:
             commit_message = f"Training in progress, step {self.state.global_step}"
         else:
@@ -257,7 +256,7 @@ class HubTrainerMixin:
             )
             jobs.append(hub.push_folder(checkpoint_folder, self.hub_model_id, token=token, revision=self.args.hub_revision,
                                         commit_message=commit_message + ", checkpoint", path_in_repo=path_in_repo,
-                                        ignore_patterns=hub.CHECKPOINT_IGNORE_PATTERNS, run_as_future=True))
+                                        ignore_patterns=CHECKPOINT_IGNORE_PATTERNS, run_as_future=True))
         repo_id = self.hub_model_id
         for job in jobs:
             job.add_done_callback(lambda future: self._log_failed_push(future, repo_id, output_dir))

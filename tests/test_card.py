@@ -1,6 +1,9 @@
-"""The model card: metadata the Hub accepts, a body that says how the student was made."""
+"""The model card: metadata the Hub accepts, a body that says how the student was made; sizes and their formats
+(shared with the summary table); writing a result folder; card and Hub code that do not import each other."""
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 from hub_server import validate_card_metadata
@@ -143,7 +146,80 @@ def test_card_from_a_saved_student_folder(tmp_path):
     summary = summary_from_folder(tmp_path)
     assert summary["pipeline_tag"] == "text-classification" and summary["library_name"] == "transformers"
     assert summary["label_names"] == ["neg", "pos"]
-    assert summary["student_params"] == sum(p.numel() for p in model.state_dict().values())
+    assert summary["student_params"] == sum(p.numel() for p in model.parameters())
     refresh_card(tmp_path, "user/tiny-bert")
     data = ModelCard.load(tmp_path / "README.md").data
     assert data.pipeline_tag == "text-classification" and data.eval_results[0].metric_value == 0.75
+
+
+# ----------------------------------------------------------------------------- sizes, formats, result folders
+def test_counts_and_bytes_are_formatted_once_for_card_and_summary():
+    from hfdistill.summary import ModelRow, format_bytes, format_count, format_summary
+
+    assert [format_count(n) for n in (None, 999, 101_770, 11_180_000, 1_500_000_000)] == ["-", "999", "101.77k", "11.18M", "1.50B"]
+    assert [format_bytes(n) for n in (None, 512, 430_410, 44_780_000, 2_000_000_000)] == ["-", "512 B", "430.41 kB", "44.78 MB", "2.00 GB"]
+    table = format_summary([ModelRow("teacher", "t", 25_000_000, 100_000_000), ModelRow("student", "s", 101_770, 430_410)])
+    assert "25.00M" in table and "100.00 MB" in table and "101.77k" in table and "430.41 kB" in table
+    text = full_card(student_params=101_770, student_size_bytes=430_410).text
+    assert "| Parameters | 25.00M | 101.77k | 245.7x fewer |" in text
+    assert "| Weights size | 100.00 MB | 430.41 kB | 232.3x smaller |" in text
+
+
+def test_model_and_folder_sizes_agree(tmp_path):
+    import timm
+    import torch
+
+    from hfdistill.models import wrap_timm_model
+    from hfdistill.summary import count_parameters, folder_stats, model_stats, size_on_disk
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)  # batch norm: buffers that are not parameters
+    params, size = model_stats(model)
+    assert params == sum(p.numel() for p in model.parameters()) == count_parameters(model)
+    assert size == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    wrap_timm_model(model).save_pretrained(tmp_path)
+    (tmp_path / "training_args.bin").write_bytes(b"x" * 5000)  # not a weight file
+    folder_params, folder_bytes = folder_stats(tmp_path)
+    assert folder_params == params  # read from the safetensors header, batch-norm statistics left out
+    assert folder_bytes == (tmp_path / "model.safetensors").stat().st_size == size_on_disk(model, tmp_path)
+    assert size_on_disk(model, tmp_path / "nothing-here") == size and folder_stats(tmp_path / "nothing-here") == (None, None)
+    # A tied weight is counted once.
+    tied = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    assert model_stats(tied) == (40, 160)
+
+
+def test_write_result_writes_recipe_metrics_and_card(tmp_path):
+    from hfdistill.publish import write_result
+
+    recipe = Recipe.from_dict({**RECIPE, "training": {"hub_token": "hf_secret", "learning_rate": 0.1}})
+    path = write_result(tmp_path, {"model_id": "user/a", "recipe": recipe, "pipeline_tag": "image-classification"},
+                        metrics={"eval_accuracy": 0.5})
+    assert path == tmp_path / "README.md" and 'model="user/a"' in path.read_text()
+    assert {p.name for p in tmp_path.iterdir()} == {"README.md", "distill_recipe.yaml", "distill_results.json",
+                                                    "all_results.json"}
+    assert "hf_secret" not in (tmp_path / "distill_recipe.yaml").read_text()
+    assert json.loads((tmp_path / "all_results.json").read_text()) == {"eval_accuracy": 0.5}
+    write_result(tmp_path, {"model_id": "user/a"}, metrics={"eval_accuracy": 0.9})  # an existing all_results.json stays
+    assert json.loads((tmp_path / "all_results.json").read_text()) == {"eval_accuracy": 0.5}
+
+
+def _hfdistill_imports(module: str) -> set[str]:
+    """The hfdistill modules a module imports, at the top or inside functions."""
+    source = Path(__file__).resolve().parents[1] / "hfdistill" / f"{module}.py"
+    found = set()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hfdistill"):
+            found.add(node.module.split(".")[1] if "." in node.module else node.module)
+    return {name.split(".")[0] for name in found}
+
+
+def test_card_and_hub_do_not_import_each_other():
+    assert _hfdistill_imports("outputs") == set()  # the leaf every module may use
+    assert not {"hub", "publish"} & _hfdistill_imports("card")
+    # publish only inside hub's module __getattr__ (old names, re-exported lazily): never at import time.
+    assert _hfdistill_imports("hub") <= {"errors", "outputs", "publish"}
+    assert not {"card", "hub", "publish"} & _hfdistill_imports("summary")
+    assert {"card", "hub"} <= _hfdistill_imports("publish")

@@ -22,16 +22,8 @@ from hub_server import FakeHub, validate_card_metadata
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import hf_raise_for_status
 
-from hfdistill.hub import (
-    HubError,
-    ResultFolderError,
-    check_result_folder,
-    explain_hub_error,
-    find_token_leaks,
-    hub_repo_id,
-    push_main,
-    write_recipe,
-)
+from hfdistill.hub import HubError, ResultFolderError, explain_hub_error, find_token_leaks, hub_repo_id
+from hfdistill.publish import check_result_folder, push_main, write_recipe
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -195,7 +187,7 @@ def test_unreachable_hub_keeps_the_local_result_and_push_later_succeeds(fake_hub
     # Later, with the Hub back: `hfdistill push OUTPUT_DIR --hub_model_id ...`, token from HF_TOKEN.
     push = run_python(f"""
         import sys
-        from hfdistill.hub import push_main
+        from hfdistill.publish import push_main
         sys.exit(push_main([{str(output_dir)!r}, "--hub_model_id", "user/pushed-later", "--private"]))
     """, fake_hub.url, tmp_path, {"HF_TOKEN": TOKEN})
     assert "Pushed" in push.stdout
@@ -211,7 +203,8 @@ LOAD_ERRORS = """
     import json, os, sys
     import timm
     from transformers import AutoModelForImageClassification
-    from hfdistill.hub import HubError, download_model, push_main, wrap_hub_errors
+    from hfdistill.hub import HubError, download_model, wrap_hub_errors
+    from hfdistill.publish import push_main
     token, read_token, student_dir = sys.argv[1:4]
     out = {}
 
@@ -369,6 +362,19 @@ def test_hub_errors_are_explained():
     assert explain_hub_error(connect, "user/r", action="push").reason == "unreachable"
     assert explain_hub_error(connect, "user/r").reason == "unreachable"
     assert isinstance(explain_hub_error(connect, "user/r"), HubError)
+
+
+def test_names_that_moved_stay_importable_from_hub():
+    import hfdistill.hub as hub
+    import hfdistill.outputs as outputs
+    import hfdistill.publish as publish
+
+    for name in ("write_recipe", "check_result_folder", "push_result", "push_main"):
+        assert getattr(hub, name) is getattr(publish, name)
+    assert hub.RECIPE_NAME == outputs.RECIPE_NAME == "distill_recipe.yaml"
+    assert hub.PUSH_IGNORE_PATTERNS is outputs.PUSH_IGNORE_PATTERNS and hub.hub_repo_id is outputs.hub_repo_id
+    with pytest.raises(AttributeError):
+        hub.no_such_name  # noqa: B018
 
 
 def test_hub_repo_ids():

