@@ -8,13 +8,18 @@ very module the user passed (no copy), so the user's object is the one that gets
 from __future__ import annotations
 
 import difflib
+import functools
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, TimmWrapperConfig, TimmWrapperForImageClassification
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from .errors import DistillationError
 from .recipe import ModelSpec, RecipeError
 
 
@@ -28,16 +33,162 @@ def is_timm_model(model: Any) -> bool:
     )
 
 
+# timm.create_model keywords that are not the architecture: loading and placement, and num_classes, which
+# transformers' TimmWrapper passes itself (from config.num_labels). Drop rates change no weight; timm's own
+# export leaves them out too unless given explicitly.
+_NOT_MODEL_ARGS = frozenset({
+    "num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args",
+    "checkpoint_path", "cache_dir", "device", "dtype", "scriptable", "exportable", "no_jit",
+})
+_DROP_RATE_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
+
+
+def timm_first_conv(model: nn.Module) -> nn.Module | None:
+    """A timm model's input layer: the module ``pretrained_cfg['first_conv']`` names, else its first Conv2d."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    for name in [names] if isinstance(names, str) else list(names or []):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.ndim >= 3:  # a conv, not a Linear
+            return module
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def timm_in_chans(model: nn.Module) -> int:
+    """The number of input channels, read from the first conv's weight (``in_chans`` of ``timm.create_model``)."""
+    conv = timm_first_conv(model)
+    if conv is None:
+        return 3
+    return int(conv.weight.shape[1]) * int(getattr(conv, "groups", 1) or 1)
+
+
+def _timm_global_pool(model: nn.Module) -> str | None:
+    # As timm's own export reads it: the module that pools holds the current pooling (reset_classifier may
+    # leave a model-level `global_pool` string at its constructor value).
+    head = getattr(model, "head", None)
+    for pool in (getattr(head, "global_pool", None), getattr(head, "pool_type", None), getattr(model, "global_pool", None)):
+        pool = getattr(pool, "pool_type", pool)
+        if isinstance(pool, str):
+            return pool
+    return None
+
+
+def _timm_img_size(model: nn.Module) -> tuple[int, int] | None:
+    # Models with a fixed input size (ViTs: the position embedding is sized from it) keep it in their patch embedding.
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return tuple(int(s) for s in size) if isinstance(size, (tuple, list)) and len(size) == 2 else None
+
+
+def _timm_traits(model: nn.Module) -> dict[str, Any]:
+    """The creation arguments that can be read back from any timm model (None: this model has no such trait)."""
+    return {"in_chans": timm_in_chans(model), "global_pool": _timm_global_pool(model), "img_size": _timm_img_size(model)}
+
+
+def _build_on_meta(architecture: str, num_classes: int, model_args: dict[str, Any]) -> nn.Module | None:
+    """The architecture built with these arguments on the meta device (no memory, no init), or None if it will not."""
+    import warnings
+
+    import timm
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return timm.create_model(architecture, pretrained=False, num_classes=num_classes, **model_args)
+    except Exception:  # an architecture that cannot be built on meta: callers fall back to safe defaults
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _default_traits(architecture: str, num_classes: int, fallback_img_size: tuple[int, ...] | None) -> dict[str, Any]:
+    """The traits of the architecture created with no arguments but ``num_classes`` (what a default model has)."""
+    reference = _build_on_meta(architecture, num_classes, {})
+    if reference is None:  # timm's usual defaults
+        return {"in_chans": 3, "global_pool": "avg", "img_size": fallback_img_size}
+    return _timm_traits(reference)
+
+
+def _shape_mismatches(model: nn.Module, rebuilt: nn.Module) -> list[str]:
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    built = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    differ = sorted(k for k in have.keys() | built.keys() if have.get(k) != built.get(k))
+    return [f"{k}: {have.get(k, 'missing')} here, {built.get(k, 'missing')} rebuilt" for k in differ]
+
+
+def _check_rebuilds(model: nn.Module, rebuilt: nn.Module | None, architecture: str, num_classes: int, args: dict) -> None:
+    """Raise when the model timm builds from the saved arguments would not take this model's weights."""
+    differ = _shape_mismatches(model, rebuilt) if rebuilt is not None else []
+    if differ:
+        raise DistillationError(
+            f"the timm model {architecture!r} cannot be saved so that it reloads: "
+            f"timm.create_model({architecture!r}, num_classes={num_classes}, **{args}) builds different weights "
+            f"({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}); pass the arguments it was created "
+            "with as timm_model_args={...}"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    return (tuple(a) if isinstance(a, (list, tuple)) else a) == (tuple(b) if isinstance(b, (list, tuple)) else b)
+
+
+def timm_model_args(model: nn.Module, overrides: dict[str, Any] | None = None, check: bool = True) -> dict[str, Any]:
+    """The ``timm.create_model`` keyword arguments, beyond the name and ``num_classes``, that rebuild ``model``.
+
+    Read from the model itself, as timm's own Hub export does (``model_args`` in ``config.json``):
+    ``in_chans`` from the first conv's weight (``pretrained_cfg['first_conv']``), ``global_pool`` from
+    the pooling module, ``img_size`` of fixed-size models (ViTs), plus whatever ``timm.create_model``
+    recorded (recent timm keeps its keyword arguments in ``model._model_args``; drop rates left out).
+    Values equal to the architecture's defaults are left out, so a default model gets ``{}``.
+    ``overrides`` (the ``timm_model_args`` a user passes) win and are kept as given. ``num_classes`` is
+    never included: transformers' TimmWrapper passes it from ``config.num_labels``.
+
+    Raises :class:`~hfdistill.errors.DistillationError` when an argument cannot be written to JSON, or
+    (``check``) when the model built from these arguments would not have the model's weight shapes (it
+    was changed in a way no argument records): the saved folder would not load, so say it before training.
+    """
+    overrides = dict(overrides or {})
+    pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    architecture = pretrained_cfg.get("architecture") or type(model).__name__.lower()
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    recorded = {
+        k: v for k, v in (getattr(model, "_model_args", None) or {}).items()
+        if k not in _NOT_MODEL_ARGS and k not in _DROP_RATE_ARGS and not k.endswith("_drop_rate")
+    }
+    fallback_size = tuple(pretrained_cfg.get("input_size", (3,))[1:]) or None
+    defaults = _default_traits(architecture, num_classes, fallback_size)
+    args = dict(recorded)
+    for key, value in _timm_traits(model).items():  # the model as it is now is what gets saved
+        if value is None or _same(value, defaults.get(key)):
+            args.pop(key, None)
+        else:
+            args[key] = list(value) if isinstance(value, tuple) else value
+    args.update({k: v for k, v in overrides.items() if k not in _NOT_MODEL_ARGS})
+
+    for key, value in args.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise DistillationError(
+                f"the timm model {architecture!r} was created with {key}={value!r}, which cannot be written to "
+                f"config.json; pass timm_model_args={{{key!r}: <a JSON value timm accepts, e.g. a name>}}"
+            ) from None
+    if check:
+        _check_rebuilds(model, _build_on_meta(architecture, num_classes, args), architecture, num_classes, args)
+    return args
+
+
 def wrap_timm_model(
     model: nn.Module,
     id2label: dict[int, str] | None = None,
     model_args: dict[str, Any] | None = None,
 ) -> TimmWrapperForImageClassification:
-    """Wrap a timm classifier so it saves in transformers format with its ``pretrained_cfg`` and labels.
+    """Wrap a timm classifier so it saves in transformers format with its ``pretrained_cfg``, creation arguments and labels.
 
-    ``model_args`` are the keyword arguments the timm model was created with beyond its name and
-    class count (``in_chans``, ``drop_rate``, ...); they go into ``config.json`` so that
-    ``from_pretrained`` rebuilds the same architecture.
+    The creation arguments (``model_args`` in ``config.json``: ``in_chans``, ``global_pool``, ...) are read
+    from the model (:func:`timm_model_args`), so that ``from_pretrained`` and
+    ``timm.create_model("hf-hub:...")`` rebuild the same architecture; ``model_args`` (optional) overrides
+    or adds to them, e.g. for an argument no model attribute records.
     """
     pretrained_cfg = dict(model.pretrained_cfg)
     architecture = pretrained_cfg.get("architecture") or type(model).__name__.lower()
@@ -48,18 +199,30 @@ def wrap_timm_model(
         id2label = {i: f"LABEL_{i}" for i in range(num_classes)}
     if len(id2label) != num_classes:
         raise ValueError(f"{len(id2label)} label names for a timm model with {num_classes} classes")
+    args = timm_model_args(model, model_args, check=False)  # checked below, on the wrapper's own build
     pretrained_cfg["num_classes"] = num_classes
+    in_chans = timm_in_chans(model)
+    input_size = pretrained_cfg.get("input_size")
+    if input_size and len(input_size) == 3 and input_size[0] != in_chans:  # as timm's export: the model's channels
+        pretrained_cfg["input_size"] = (in_chans, *input_size[1:])
     config = TimmWrapperConfig(
         architecture=architecture,
-        model_args=dict(model_args or {}),  # timm's hf-hub loader cannot take `"model_args": null`
+        model_args=args,  # timm's hf-hub loader cannot take `"model_args": null`
         num_labels=num_classes,
         id2label={int(k): v for k, v in id2label.items()},
         label2id={v: int(k) for k, v in id2label.items()},
     )
     config.pretrained_cfg = pretrained_cfg
     # Build the wrapper's own timm model on the meta device (no memory, no init), then put the user's model in.
-    with torch.device("meta"):
-        wrapper = TimmWrapperForImageClassification(config)
+    try:
+        with torch.device("meta"):
+            wrapper = TimmWrapperForImageClassification(config)
+    except (TypeError, ValueError, RuntimeError) as error:  # what from_pretrained would meet when loading the folder
+        raise DistillationError(
+            f"timm cannot build {architecture!r} from the arguments saved with it ({args}): {error}; pass the "
+            "arguments the model was created with as timm_model_args={...}"
+        ) from None
+    _check_rebuilds(model, wrapper.timm_model, architecture, num_classes, args)
     wrapper.timm_model = model
     wrapper.to(next(model.parameters()).device)
     # from_pretrained sets this; a wrapper built by hand needs it too, so that save_pretrained writes timm's own
@@ -172,18 +335,11 @@ def _resolve_package(name: str, path: str) -> str:
     return str(module.get_model_path())
 
 
-def _first_conv_in_chans(model: nn.Module) -> int:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return 3
-
-
 def _timm_image_config(model: nn.Module, image_size: int | None) -> ImageConfig:
     import timm.data
 
     cfg = timm.data.resolve_model_data_config(model)
-    channels = _first_conv_in_chans(model)
+    channels = timm_in_chans(model)
     mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     if len(mean) != channels:  # e.g. ImageNet statistics for a one-channel model: average them
         mean = (sum(mean) / len(mean),) * channels
@@ -525,3 +681,21 @@ def check_labels(teacher: LoadedModel | None, student: LoadedModel, num_labels: 
                     f"the {loaded.role} {loaded.name!r} was trained with labels {names[:6]} but the data's labels are "
                     f"{label_names[:6]} (names or order differ); train and distil on the same label set",
                 )
+
+
+def load_student_weights(student: PreTrainedModel, folder: str) -> None:
+    """Load the student weights that ``save_pretrained`` wrote to ``folder`` into ``student`` in place.
+
+    Goes through ``from_pretrained`` because transformers v5 renames weights between the
+    in-memory model and the files (``vit.layers.0.attention.q_proj`` vs ``...attention.query``);
+    only its loader knows the mapping.
+    """
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
+        raise DistillationError(f"no student weights ({SAFE_WEIGHTS_NAME}) in checkpoint folder {folder}")
+    reloaded = type(student).from_pretrained(folder, device_map=None)
+    result = student.load_state_dict(reloaded.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise DistillationError(
+            f"checkpoint {folder} does not fit the student: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
