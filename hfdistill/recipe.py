@@ -1,41 +1,65 @@
-"""Recipes: a distillation described as plain data (DESIGN.md, contracts 2 and 3).
+"""Recipes: a distillation described as plain data (DESIGN.md, contracts 2, 3 and 7).
 
 A recipe is YAML read with ``yaml.safe_load`` into the dataclasses below and validated before
 anything is trained or written. Every error is a :class:`RecipeError` that names the field path
-(``terms[1].adapter``) and what is allowed there.
+(``terms[1].adapter``, ``stages[1].terms[0].params.alpha``) and what is allowed there.
 
 From Python a recipe may hold only ``terms`` (and ``task_weight``): the models and data then
 come as arguments to :class:`~hfdistill.DistillationTrainer`. The CLI needs the whole recipe.
+
+**Stages.** A recipe is either one stage (top-level ``terms`` and ``task_weight``, as before) or a
+list of ``stages``, trained one after another. Each stage has its terms, its task weight, its
+``training`` overrides (merged key by key over the recipe's top-level ``training``) and optionally
+``train``, the list of what it trains (default: student, adapters and loss modules). Each stage
+continues from the previous stage's weights: the student, and every adapter and loss module of a
+term whose name appears again in a later stage (so FT's paraphraser is trained in stage 1 and used,
+frozen, in stage 2 by a term of the same name). :meth:`Recipe.stage_list` gives the stages of any
+recipe (one ``distill`` stage for a one-stage recipe) and :meth:`Recipe.stage_recipe` a stage as a
+one-stage recipe with its training merged.
+
+**base:** A recipe file may start from another: ``base: other.yaml`` (relative to the file that
+says it). The file's keys are merged over the base's as a JSON Merge Patch (RFC 7396): mappings
+merge key by key, recursively; lists and scalars replace; ``null`` removes the key (the field goes
+back to its default). A base may have its own base. :func:`load_recipe_data` returns the merged
+plain data; :meth:`Recipe.from_yaml` validates it. The loaded recipe holds the merged content only
+(``to_yaml`` never writes ``base``), so a saved recipe stands alone.
+
+**Overrides.** :func:`parse_overrides` and :func:`apply_overrides` turn ``--dotted.key value``
+arguments into edits of the (merged) plain data (``--stages.1.training.num_train_epochs 1``);
+:func:`load_recipe` does file + overrides + validation, as the CLI does.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import yaml
 
 from . import losses
 from .adapters import available_adapters, get_adapter_params
+from .errors import LossParamError, OverrideError, RecipeError  # noqa: F401 - RecipeError, OverrideError re-exported
 
 TAP_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.(-?[0-9]+|[A-Za-z_][A-Za-z0-9_]*))*(:(input|output))?$")
+MODULE_PATH_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.(-?[0-9]+|[A-Za-z_][A-Za-z0-9_]*))*$")
+STAGE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 # Loss parameters that are temperatures must be > 0 whatever the method.
 TEMPERATURE_PARAMS = ("temperature", "tau", "T")
 TASKS = ("image-classification", "text-classification")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; ``path`` is the offending field (``terms[1].adapter``)."""
-
-    def __init__(self, path: str, message: str):
-        self.path = path
-        super().__init__(f"recipe error at {path}: {message}" if path else f"recipe error: {message}")
+# The name of the one stage of a recipe without `stages`.
+DEFAULT_STAGE_NAME = "distill"
+# What a stage's `train` list may name (followed by `.<path>` where the docs say so).
+TRAIN_ROOTS = ("student", "adapters", "losses")
+# Training arguments that belong to the whole run, not to one stage.
+RUN_ONLY_TRAINING_KEYS = ("output_dir", "resume_from_checkpoint")
 
 
 def _suggest(word: str, choices: typing.Iterable[str]) -> str:
@@ -149,44 +173,88 @@ class DataSpec:
 
 
 @dataclass
-class Recipe:
-    """A whole distillation: what to learn from (terms), and for the CLI, models, data and training."""
+class StageSpec:
+    """One stage of a multi-stage recipe: its terms, task weight, training overrides and what it trains.
 
-    terms: list[TermSpec] = field(default_factory=list, metadata={"help": "the distillation loss terms"})
+    A stage continues from the previous stage's weights. A term whose name appears in an earlier stage
+    keeps that term's adapter and loss-module state (a paraphraser trained in stage 1 is the one used
+    in stage 2); whether it trains again is decided by this stage's ``train``.
+    """
+
+    name: str = field(
+        metadata={"help": "the stage's name (letters, digits, `_`, `-`): shown as it starts, and the name of "
+                  "its checkpoint folder"}
+    )
+    terms: list[TermSpec] = field(default_factory=list, metadata={"help": "the distillation loss terms of this stage"})
     task_weight: Union[float, None] = field(
-        default=None, metadata={"help": "weight of the student's own task loss (overrides DistillationConfig)"}
+        default=None,
+        metadata={"help": "weight of the student's own task loss in this stage (default: the recipe's "
+                  "`task_weight`, else DistillationConfig's); 0 trains on the terms alone"},
+    )
+    train: Union[list[str], None] = field(
+        default=None,
+        metadata={"help": "what trains in this stage (default: student, adapters and loss modules): `student`, "
+                  "`student.<module path>`, `adapters`, `adapters.<term>`, `losses.<term>` or "
+                  "`losses.<term>.<submodule path>`; everything else is frozen"},
+    )
+    training: dict = field(
+        default_factory=dict,
+        metadata={"help": "DistillationConfig fields for this stage, merged over the recipe's `training` "
+                  "(not output_dir or resume_from_checkpoint, which belong to the run)"},
+    )
+
+
+@dataclass
+class Recipe:
+    """A whole distillation: what to learn from (terms or stages), and for the CLI, models, data and training."""
+
+    terms: list[TermSpec] = field(
+        default_factory=list, metadata={"help": "the distillation loss terms (a one-stage recipe; else `stages`)"}
+    )
+    task_weight: Union[float, None] = field(
+        default=None,
+        metadata={"help": "weight of the student's own task loss (overrides DistillationConfig); with `stages`, "
+                  "the default of stages that do not set theirs"},
     )
     task: Union[str, None] = field(default=None, metadata={"help": f"one of {', '.join(TASKS)}"})
     teacher: Union[ModelSpec, None] = field(default=None, metadata={"help": "the teacher model"})
     student: Union[ModelSpec, None] = field(default=None, metadata={"help": "the student model"})
     data: Union[DataSpec, None] = field(default=None, metadata={"help": "the dataset"})
     training: dict = field(
-        default_factory=dict, metadata={"help": "DistillationConfig / TrainingArguments fields (output_dir, ...)"}
+        default_factory=dict,
+        metadata={"help": "DistillationConfig / TrainingArguments fields (output_dir, ...); with `stages`, the "
+                  "defaults of every stage"},
+    )
+    stages: list[StageSpec] = field(
+        default_factory=list,
+        metadata={"help": "stages trained one after another, each from the previous one's weights (instead of "
+                  "top-level `terms`)"},
     )
 
     # ---- loading and saving ----
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
-        """Validate plain data (what YAML gives) into a Recipe; raises RecipeError naming the field path."""
+        """Validate plain data (what YAML gives) into a Recipe; raises RecipeError naming the field path.
+
+        ``base:`` is resolved relative to a file, so plain data holding it is an error: load the file with
+        :meth:`from_yaml` (or merge it with :func:`load_recipe_data` first).
+        """
+        if isinstance(data, dict) and "base" in data:
+            raise RecipeError(
+                "base", f"`base: {data['base']!r}` is resolved relative to a recipe file, and this recipe came "
+                "without one; load it with Recipe.from_yaml(path) or hfdistill.recipe.load_recipe_data(path)",
+            )
         recipe = _parse_dataclass(cls, data, "")
         recipe.validate()
         return recipe
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError("", f"recipe file {str(path)!r} does not exist; give the path of a YAML recipe")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise RecipeError("", f"{path} is not valid YAML: {exc}") from None
-        if data is None:
-            raise RecipeError("", f"{path} is empty; a recipe needs at least `terms:` or `student:`")
-        return cls.from_dict(data)
+        """Read a recipe file (resolving ``base:``) and validate it."""
+        return cls.from_dict(load_recipe_data(path))
 
     def to_dict(self) -> dict:
-        """Plain data, without fields left at their defaults, ready for YAML."""
+        """Plain data, without fields left at their defaults, ready for YAML (never a ``base``: it stands alone)."""
         return _to_plain(self)
 
     def to_yaml(self) -> str:
@@ -195,34 +263,127 @@ class Recipe:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml(), encoding="utf-8")
 
+    # ---- stages ----
+    def stage_list(self) -> list[StageSpec]:
+        """The stages to train, in order.
+
+        A recipe without ``stages`` is one stage named ``distill`` (its ``terms`` and ``task_weight``, no
+        ``train`` restriction, no training overrides). With ``stages``, each stage is returned with its
+        ``task_weight`` resolved: its own, else the recipe's top-level one (None still means
+        DistillationConfig's ``task_weight``). ``training`` stays the stage's own overrides; see
+        :meth:`stage_training` for the merged arguments.
+        """
+        if not self.stages:
+            return [StageSpec(name=DEFAULT_STAGE_NAME, terms=self.terms, task_weight=self.task_weight, train=None,
+                              training={})]
+        return [
+            stage if stage.task_weight is not None or self.task_weight is None
+            else dataclasses.replace(stage, task_weight=self.task_weight)
+            for stage in self.stages
+        ]
+
+    def stage_training(self, stage: StageSpec | str) -> dict:
+        """The training arguments of a stage: the recipe's ``training`` with the stage's keys replacing."""
+        stage = self._stage(stage)
+        return {**self.training, **stage.training}
+
+    def stage_recipe(self, stage: StageSpec | str) -> "Recipe":
+        """A stage as a one-stage recipe (its terms and task weight, the merged training, the same models and data)."""
+        stage = self._stage(stage)
+        return dataclasses.replace(
+            self, terms=list(stage.terms), task_weight=stage.task_weight, training=self.stage_training(stage), stages=[]
+        )
+
+    def select_stage(self, stage: str | int | None = None) -> tuple[StageSpec, str]:
+        """The stage a trainer trains (by name or index) and its field path (``stages[1]``, or ``recipe``).
+
+        ``None`` is allowed for a one-stage recipe only: several stages are trained one by one
+        (``DistillationTrainer(stage=...)``) or all in order by :func:`hfdistill.run`.
+        """
+        stages = self.stage_list()
+        if not self.stages:
+            if stage not in (None, 0, stages[0].name):
+                raise RecipeError("stages", f"stage {stage!r}: the recipe has no `stages`, only its top-level terms")
+            return stages[0], "recipe"
+        names = [s.name for s in stages]
+        if stage is None:
+            if len(stages) == 1:
+                return stages[0], "stages[0]"
+            raise RecipeError(
+                "stages", f"the recipe has {len(stages)} stages ({', '.join(names)}); pass `stage=` to "
+                "DistillationTrainer (and `distill_state=` from the previous stage), or run them all with "
+                "hfdistill.run(recipe)",
+            )
+        index = names.index(stage) if stage in names else stage
+        if not isinstance(index, int) or isinstance(index, bool) or not -len(stages) <= index < len(stages):
+            raise RecipeError("stages", f"stage {stage!r} is not in the recipe{_suggest(str(stage), names)}; "
+                              f"its stages: {', '.join(names)}")
+        return stages[index], f"stages[{index % len(stages)}]"
+
+    def _stage(self, stage: StageSpec | str) -> StageSpec:
+        stages = self.stage_list()
+        if isinstance(stage, StageSpec):
+            name = stage.name
+        else:
+            name = stage
+        for candidate in stages:
+            if candidate.name == name:
+                return candidate
+        names = [s.name for s in stages]
+        raise KeyError(f"no stage named {name!r}{_suggest(str(name), names)}; stages: {', '.join(names)}")
+
     # ---- checks beyond types ----
     def validate(self) -> None:
         if self.task_weight is not None and self.task_weight < 0:
             raise RecipeError("task_weight", f"must be >= 0, got {self.task_weight}")
         if self.task is not None and self.task not in TASKS:
             raise RecipeError("task", f"unknown task {self.task!r}; allowed: {', '.join(TASKS)}{_suggest(self.task, TASKS)}")
-        names = set()
-        for i, term in enumerate(self.terms):
-            _validate_term(term, f"terms[{i}]")
-            name = term_name(term, i, self.terms)
-            if name in names:
-                raise RecipeError(f"terms[{i}].name", f"two terms are named {name!r}; give each a distinct `name`")
-            names.add(name)
-        if self.training:
-            from .config import DistillationConfig
-
-            allowed = {f.name for f in dataclasses.fields(DistillationConfig) if f.init}
-            for key in self.training:
-                if key not in allowed:
+        _validate_training(self.training, "training")
+        if self.stages:
+            if self.terms:
+                raise RecipeError(
+                    "stages", "a recipe has either top-level `terms` (one stage) or `stages`, not both; move the "
+                    "terms into a stage",
+                )
+            seen: dict[str, int] = {}
+            for i, stage in enumerate(self.stages):
+                where = f"stages[{i}]"
+                if not STAGE_NAME_PATTERN.fullmatch(stage.name):
                     raise RecipeError(
-                        f"training.{key}",
-                        f"unknown training argument{_suggest(key, allowed)}; any DistillationConfig / "
-                        "TrainingArguments field is allowed",
+                        f"{where}.name", f"{stage.name!r} is not a stage name; use letters, digits, `_` and `-` "
+                        "(it names the stage's checkpoint folder)",
                     )
+                if stage.name in seen:
+                    raise RecipeError(
+                        f"{where}.name", f"stages[{seen[stage.name]}] is also named {stage.name!r}; give each stage "
+                        "a distinct name",
+                    )
+                seen[stage.name] = i
+                if stage.task_weight is not None and stage.task_weight < 0:
+                    raise RecipeError(f"{where}.task_weight", f"must be >= 0, got {stage.task_weight}")
+                _validate_terms(stage.terms, f"{where}.terms")
+                if stage.train is not None:
+                    _validate_train(stage.train, stage.terms, f"{where}.train")
+                _validate_training(stage.training, f"{where}.training", stage=True)
+        else:
+            _validate_terms(self.terms, "terms")
+        for i, stage in enumerate(self.stage_list()):
+            if not stage.terms and self._effective_task_weight(stage) == 0:
+                where = f"stages[{i}]" if self.stages else "task_weight"
+                raise RecipeError(
+                    where, f"{'stage ' + repr(stage.name) if self.stages else 'this recipe'} has no terms and a task "
+                    "weight of 0, so it would train nothing; add a term or give the task loss a weight",
+                )
         if self.student is not None and self.student.baseline_seeds < 1:
             raise RecipeError("student.baseline_seeds", f"must be >= 1, got {self.student.baseline_seeds}")
         if self.data is not None and not 0 < self.data.validation_fraction < 1:
             raise RecipeError("data.validation_fraction", f"must be in (0, 1), got {self.data.validation_fraction}")
+
+    def _effective_task_weight(self, stage: StageSpec) -> Any:
+        if stage.task_weight is not None:
+            return stage.task_weight
+        training = self.training if not self.stages else {**self.training, **stage.training}
+        return training.get("task_weight", 1.0)  # DistillationConfig's default
 
 
 def term_name(term: TermSpec, index: int, terms: list[TermSpec]) -> str:
@@ -231,6 +392,82 @@ def term_name(term: TermSpec, index: int, terms: list[TermSpec]) -> str:
         return term.name
     same_loss = [i for i, t in enumerate(terms) if t.loss == term.loss and not t.name]
     return term.loss if len(same_loss) == 1 else f"{term.loss}_{same_loss.index(index)}"
+
+
+def _validate_terms(terms: list[TermSpec], path: str) -> None:
+    """Each term (``<path>[i]``) and distinct log names within one list of terms."""
+    names: set[str] = set()
+    for i, term in enumerate(terms):
+        _validate_term(term, f"{path}[{i}]")
+        name = term_name(term, i, terms)
+        if name in names:
+            raise RecipeError(f"{path}[{i}].name", f"two terms are named {name!r}; give each a distinct `name`")
+        names.add(name)
+
+
+def _validate_training(training: dict, path: str, stage: bool = False) -> None:
+    """Keys of a ``training`` mapping are DistillationConfig fields; a stage's may not set the run's own."""
+    if not training:
+        return
+    from .config import DistillationConfig
+
+    allowed = {f.name for f in dataclasses.fields(DistillationConfig) if f.init}
+    for key in training:
+        if stage and key in RUN_ONLY_TRAINING_KEYS:
+            raise RecipeError(
+                f"{path}.{key}",
+                f"`{key}` belongs to the whole run, not to one stage; set it in the top-level `training` "
+                "(each stage writes its checkpoints in its own folder under the run's output_dir)",
+            )
+        if key not in allowed:
+            raise RecipeError(
+                f"{path}.{key}",
+                f"unknown training argument{_suggest(str(key), allowed)}; any DistillationConfig / "
+                "TrainingArguments field is allowed",
+            )
+
+
+def _validate_train(train: list[str], terms: list[TermSpec], path: str) -> None:
+    """A stage's ``train`` entries: ``student[.<path>]``, ``adapters[.<term>]``, ``losses.<term>[.<path>]``."""
+    if not train:
+        raise RecipeError(path, "is empty, so the stage would train nothing; omit `train` to train the student, "
+                          "adapters and loss modules, or list what trains")
+    names = [term_name(term, i, terms) for i, term in enumerate(terms)]
+    by_name = dict(zip(names, terms))
+    for k, entry in enumerate(train):
+        where = f"{path}[{k}]"
+        root, _, rest = entry.partition(".")
+        if root not in TRAIN_ROOTS:
+            raise RecipeError(
+                where, f"{entry!r} names nothing that trains{_suggest(root, TRAIN_ROOTS)}; write `student`, "
+                "`student.<module path>`, `adapters`, `adapters.<term>`, `losses.<term>` or "
+                "`losses.<term>.<submodule path>`",
+            )
+        if root == "student":
+            if rest and not MODULE_PATH_PATTERN.fullmatch(rest):
+                raise RecipeError(where, f"{rest!r} is not a module path; write a dotted path such as `layer1` "
+                                  "or `encoder.layer.0`")
+            continue
+        if not rest:
+            if root == "losses":
+                raise RecipeError(where, f"name the term whose loss module trains: `losses.<term>`; this stage's "
+                                  f"terms: {', '.join(names) or 'none'}")
+            if not any(term.adapter for term in terms):
+                raise RecipeError(where, "no term of this stage has an adapter; remove this entry")
+            continue
+        term, _, sub = rest.partition(".")
+        if term not in by_name:
+            raise RecipeError(
+                where, f"this stage has no term named {term!r}{_suggest(term, names)}; its terms: "
+                f"{', '.join(names) or 'none'} (a term's name is its `name`, else its loss)",
+            )
+        if root == "adapters":
+            if sub:
+                raise RecipeError(where, f"write `adapters.{term}`: an adapter trains whole")
+            if by_name[term].adapter is None:
+                raise RecipeError(where, f"term {term!r} has no adapter; give it one or remove this entry")
+        elif sub and not MODULE_PATH_PATTERN.fullmatch(sub):
+            raise RecipeError(where, f"{sub!r} is not a submodule path; write a dotted path such as `paraphraser`")
 
 
 def _validate_term(term: TermSpec, path: str) -> None:
@@ -252,6 +489,7 @@ def _validate_term(term: TermSpec, path: str) -> None:
             )
         if key in TEMPERATURE_PARAMS and (not isinstance(value, (int, float)) or value <= 0):
             raise RecipeError(f"{path}.params.{key}", f"a temperature must be a number > 0, got {value!r}")
+    _build_loss(term, path)
     for side in ("student", "teacher"):
         taps = getattr(term, side)
         if taps is None:
@@ -294,6 +532,215 @@ def _validate_term(term: TermSpec, path: str) -> None:
                 )
     elif term.adapter_params:
         raise RecipeError(f"{path}.adapter_params", "given without an `adapter`")
+
+
+def _build_loss(term: TermSpec, path: str) -> None:
+    """Build the term's loss once (no ``configure``: cheap) so that its own parameter checks run now."""
+    try:
+        losses.build(term.loss, **term.params)
+    except LossParamError as exc:
+        raise RecipeError(f"{path}.params.{exc.param}", exc.message) from None
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{path}.params", f"loss {term.loss!r} rejected its parameters: {exc}") from None
+
+
+# ---- files, `base:` and merging ----
+def load_recipe_data(path: str | os.PathLike) -> dict:
+    """The plain data of a recipe file with its ``base:`` chain merged in (not validated).
+
+    ``base: other.yaml`` is relative to the file that says it. The file's keys are merged over the
+    base's (:func:`merge_recipe_data`); a base may have a base. Missing or unreadable files, a
+    ``base`` that is not a path and cycles are :class:`RecipeError` at ``base`` naming the files.
+    """
+    return _load_chain(Path(path), [])
+
+
+def merge_recipe_data(base: Any, override: Any) -> Any:
+    """``override`` merged over ``base`` as a JSON Merge Patch (RFC 7396), without changing either.
+
+    Mappings merge key by key, recursively; lists and scalars replace; a key set to ``null`` in
+    ``override`` is removed (the field goes back to its default).
+    """
+    if not isinstance(override, dict) or not isinstance(base, dict):
+        return copy.deepcopy(override)
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_recipe_data(merged.get(key), value)
+    return merged
+
+
+def _display(path: Path) -> str:
+    return os.path.normpath(str(path))
+
+
+def _read_recipe_file(path: Path, child: Path | None) -> dict:
+    where = "base" if child is not None else ""
+    whose = f" (the base of {_display(child)})" if child is not None else ""
+    if not path.is_file():
+        raise RecipeError(where, f"recipe file {str(path)!r}{whose} does not exist; give the path of a YAML recipe")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(where, f"{_display(path)}{whose} is not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(where, f"{_display(path)}{whose} cannot be read: {exc}") from None
+    if data is None:
+        raise RecipeError(where, f"{_display(path)}{whose} is empty; a recipe needs at least `terms:` or `student:`")
+    if not isinstance(data, dict):
+        raise RecipeError(where, f"{_display(path)}{whose} holds a {type(data).__name__}, not a mapping of recipe "
+                          "keys (`terms:`, `student:`, `training:`, ...)")
+    return data
+
+
+def _load_chain(path: Path, chain: list[Path]) -> dict:
+    data = _read_recipe_file(path, chain[-1] if chain else None)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise RecipeError("base", f"in {_display(path)}: expected the path of another recipe file (a string, "
+                          f"relative to this file), got {type(base).__name__} {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise RecipeError("base", f"{_display(path)} says `base: {base}`, but {_display(base_path)} does not exist "
+                          "(a base path is relative to the file that names it)")
+    seen = [p.resolve() for p in chain] + [path.resolve()]
+    if base_path.resolve() in seen:
+        cycle = " -> ".join(_display(p) for p in [*chain, path, base_path])
+        raise RecipeError("base", f"the bases form a cycle: {cycle}; a recipe cannot start from itself")
+    return merge_recipe_data(_load_chain(base_path, [*chain, path]), data)
+
+
+# ---- command-line overrides (`--dotted.key value`) ----
+def parse_overrides(tokens: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["--a.b", "1", "--c=x"]`` -> ``[("a.b", 1), ("c", "x")]``; values are parsed as YAML scalars."""
+    pairs = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise OverrideError("", f"unexpected argument {token!r}; overrides look like `--training.learning_rate 0.01`")
+        key = token[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(tokens):
+                raise OverrideError(key, f"override --{key} has no value; write `--{key} VALUE`")
+            text = tokens[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text  # not YAML: keep the string as typed
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            value = text  # YAML 1.1 reads `no`/`yes`/`on`/`off` as booleans; `--training.save_strategy no` means "no"
+        pairs.append((key, value))
+    return pairs
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls).get(name)
+
+
+def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
+    """Set each dotted key in a copy of the recipe's plain data (merged: no ``base`` left in it).
+
+    A key must name a recipe field (``training.*`` and ``stages.<i>.training.*`` may be any
+    DistillationConfig field, checked when the recipe is validated); list items are addressed by
+    index (``terms.0.weight``, ``stages.1.training.num_train_epochs``).
+    """
+    data = copy.deepcopy(data)
+    for key, value in overrides:
+        parts = key.split(".")
+        node: Any = data
+        cls: Any = Recipe
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            parent = ".".join(parts[:depth])
+            if isinstance(node, list):
+                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                    raise OverrideError(
+                        where, f"override --{key}: {parent or 'list'} has {len(node)} item(s); "
+                        f"use an index 0..{len(node) - 1}"
+                    )
+                index = int(part)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+                    cls = _list_item_class(cls)
+                continue
+            if not isinstance(node, dict):
+                raise OverrideError(where, f"override --{key}: {parent} is not a mapping")
+            if dataclasses.is_dataclass(cls):
+                known = {f.name for f in dataclasses.fields(cls)}
+                if part not in known:
+                    raise OverrideError(
+                        where,
+                        f"override --{key}: there is no recipe key {where!r}{_suggest(part, known)}; "
+                        f"keys allowed here: {', '.join(sorted(known))}",
+                    )
+                child_type = _field_type(cls, part)
+            else:
+                child_type = None
+            if last:
+                node[part] = value
+            else:
+                child_cls = _unwrap_dataclass(child_type)
+                if node.get(part) is None:
+                    if isinstance(child_cls, tuple):  # a list field the recipe does not have: no item to address
+                        raise OverrideError(
+                            where, f"override --{key}: the recipe has no `{where}`, so there is no item to set; "
+                            f"give the whole list (`--{where} '[...]'`) or add it to the recipe",
+                        )
+                    node[part] = {}
+                node = node[part]
+                cls = child_cls
+    return data
+
+
+def _unwrap_dataclass(tp: Any) -> Any:
+    if tp is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        return tp
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            found = _unwrap_dataclass(arg)
+            if found is not None:
+                return found
+    if origin is list:
+        return ("list", _unwrap_dataclass(typing.get_args(tp)[0]))
+    return None
+
+
+def _list_item_class(cls: Any) -> Any:
+    return cls[1] if isinstance(cls, tuple) and cls[0] == "list" else None
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] | list[tuple[str, Any]] = ()) -> Recipe:
+    """Read a recipe file (with its ``base:``), apply ``--dotted.key value`` overrides, validate.
+
+    The file is validated on its own first, so its own errors point at the file; then the overrides
+    are applied to its merged plain data and the result is validated again (errors are OverrideError).
+    """
+    recipe = Recipe.from_yaml(path)
+    if not overrides:
+        return recipe
+    pairs = parse_overrides(overrides) if isinstance(overrides[0], str) else list(overrides)
+    data = apply_overrides(load_recipe_data(path), pairs)
+    try:
+        return Recipe.from_dict(data)
+    except RecipeError as exc:
+        raise OverrideError(exc.path, f"after the command-line overrides: {exc}") from None
 
 
 # ---- generic typed parsing of plain data into dataclasses ----

@@ -1,15 +1,30 @@
-"""Every recipe under recipes/ validates, and every CNN method has a Fashion-MNIST recipe (no training)."""
+"""Every recipe under recipes/ validates, and every CNN method has a Fashion-MNIST recipe (no training).
+
+Files whose name starts with `_` (`_base.yaml`) are shared bases that method recipes name with `base:`; they
+are not methods, so the method checks skip them.
+"""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hfdistill import Recipe, losses
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+ALL_FILES = sorted((ROOT / "recipes").rglob("*.yaml"))
+RECIPES = [p for p in ALL_FILES if not p.name.startswith("_")]
+BASES = [p for p in ALL_FILES if p.name.startswith("_")]
 FASHION = ROOT / "recipes" / "fashion_mnist"
+
+
+def method_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.yaml") if not p.name.startswith("_"))
+
+
+def all_terms(recipe: Recipe) -> list:
+    return [term for stage in recipe.stage_list() for term in stage.terms]
 BENCHMARK = ROOT / "benchmarks" / "methods_fashion_mnist.py"
 
 
@@ -25,13 +40,22 @@ def test_recipe_validates(path):
     recipe = Recipe.from_yaml(path)
     # Plain data both ways (contract 2): what it saves reloads to the same recipe.
     assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert "base" not in recipe.to_dict()  # a saved recipe stands alone
+
+
+def test_every_base_file_is_used():
+    """A `_base.yaml` is named by at least one recipe of its folder (or it is dead weight)."""
+    for base in BASES:
+        users = [p for p in RECIPES if (yaml.safe_load(p.read_text()) or {}).get("base")
+                 and (p.parent / yaml.safe_load(p.read_text())["base"]).resolve() == base.resolve()]
+        assert users, f"{base.relative_to(ROOT)} is no recipe's base"
 
 
 def test_every_cnn_method_has_a_fashion_mnist_recipe():
     bench = _benchmark()
     used = set()
-    for path in FASHION.glob("*.yaml"):
-        used |= {losses.get_info(term.loss).cls for term in Recipe.from_yaml(path).terms}
+    for path in method_files(FASHION):
+        used |= {losses.get_info(term.loss).cls for term in all_terms(Recipe.from_yaml(path))}
     cnn_methods = [name for name in losses.available() if name not in bench.TRANSFORMER_ONLY]
     missing = [name for name in cnn_methods if losses.get_info(name).cls not in used]
     assert not missing, f"registered CNN methods without a recipe in {FASHION.relative_to(ROOT)}: {missing}"
@@ -43,24 +67,40 @@ def test_every_cnn_method_has_a_fashion_mnist_recipe():
 
 
 def test_fashion_mnist_recipes_match_the_benchmark():
-    """recipes/fashion_mnist/<method>.yaml trains what the benchmark's row <method> trains."""
+    """recipes/fashion_mnist/<method>.yaml trains what the benchmark's row <method> trains.
+
+    Multi-stage recipes (FitNets' hint stage, FT's paraphraser stage) are compared with their row when the
+    benchmark has one (a spec with ``stages``); until then they only share the pair, data and schedule checks.
+    """
     bench = _benchmark()
     specs = bench.methods(2)  # the recipes' schedule: 2 epochs (warm-ups scale with it)
-    assert {p.stem for p in FASHION.glob("*.yaml")} == set(specs)
-    for method, spec in specs.items():
-        recipe = Recipe.from_yaml(FASHION / f"{method}.yaml")
-        expected = Recipe.from_dict({"terms": spec["terms"], "task_weight": spec["task_weight"]})
-        assert [t.__dict__ for t in recipe.terms] == [t.__dict__ for t in expected.terms], method
-        assert recipe.task_weight == expected.task_weight, method
+    recipes = {p.stem: Recipe.from_yaml(p) for p in method_files(FASHION)}
+    staged = {name for name, recipe in recipes.items() if recipe.stages}
+    assert set(recipes) - staged == {name for name, spec in specs.items() if "stages" not in spec}
+    assert {name for name, spec in specs.items() if "stages" in spec} <= staged
+    for method, recipe in recipes.items():
+        spec = specs.get(method)
+        if spec is not None:
+            if "stages" in spec:
+                expected = Recipe.from_dict({"stages": spec["stages"], "task_weight": spec.get("task_weight")})
+            else:
+                expected = Recipe.from_dict({"terms": spec["terms"], "task_weight": spec["task_weight"]})
+            assert len(recipe.stage_list()) == len(expected.stage_list()), method
+            for got, want in zip(recipe.stage_list(), expected.stage_list()):
+                assert [t.__dict__ for t in got.terms] == [t.__dict__ for t in want.terms], method
+                assert got.task_weight == want.task_weight, method
+                if recipe.stages:
+                    assert (got.name, got.train, got.training) == (want.name, want.train, want.training), method
         assert recipe.data.name == "fashion-mnist" and recipe.data.image_size == bench.IMAGE_SIZE
         assert recipe.student.kwargs == bench.STUDENT_KWARGS
         assert recipe.training["num_train_epochs"] == 2 and recipe.training["seed"] == bench.FIRST_SEED
+        assert recipe.training["output_dir"] == f"runs/fashion_mnist/{method}"
         defaults = bench.parse_args([])
         assert recipe.data.max_train_samples == defaults.train_samples
         assert recipe.training["learning_rate"] == defaults.lr
         assert recipe.training["max_grad_norm"] == defaults.max_grad_norm
-        if spec["terms"]:
-            kind = spec.get("teacher", "teacher")
+        if all_terms(recipe):
+            kind = (spec or {}).get("teacher", "teacher")
             folder = "runs/fashion_mnist/teacher" if kind == "teacher" else "runs/fashion_mnist/self_teacher"
             assert recipe.teacher.name == folder, method
             assert recipe.teacher.train_from.kwargs == (bench.TEACHER_KWARGS if kind == "teacher" else bench.STUDENT_KWARGS)
@@ -72,14 +112,14 @@ def test_fashion_mnist_recipes_match_the_benchmark():
 
 
 def test_cifar100_method_recipes_share_one_teacher_and_the_reference_schedule():
-    for path in sorted((ROOT / "recipes" / "cifar100").glob("*.yaml")):
+    for path in method_files(ROOT / "recipes" / "cifar100"):
         recipe = Recipe.from_yaml(path)
-        assert recipe.terms, path
+        assert all_terms(recipe), path
         assert recipe.training["num_train_epochs"] == 240 and recipe.training["learning_rate"] == 0.05
         assert recipe.training["per_device_train_batch_size"] == 64 and recipe.training["weight_decay"] == 5e-4
         assert recipe.training["lr_decay_epochs"] == [150, 180, 210] and recipe.training["lr_decay_rate"] == 0.1
         assert recipe.teacher.name in ("runs/cifar100/resnet32x4", "runs/cifar100/resnet8x4"), path
-        for term in recipe.terms:  # warm-ups in epochs are the papers' 20 of 240
+        for term in all_terms(recipe):  # warm-ups in epochs are the papers' 20 of 240
             for key in ("warmup", "warmup_epochs"):
                 if key in term.params:
                     assert term.params[key] == 20.0, path

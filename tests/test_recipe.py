@@ -1,10 +1,14 @@
-"""Recipes: loading, validation errors that name the field path, and round trips."""
+"""Recipes: loading, validation errors that name the field path, round trips, loss parameters, overrides.
+
+Stages and `base:` are tested in tests/test_recipe_stages.py.
+"""
 
 import pytest
 import yaml
 
 from hfdistill import Recipe, RecipeError
-from hfdistill.recipe import term_name
+from hfdistill.errors import OverrideError
+from hfdistill.recipe import apply_overrides, load_recipe, parse_overrides, term_name
 
 GOOD = {
     "task_weight": 0.1,
@@ -92,3 +96,113 @@ def test_term_names_for_logging():
     recipe = Recipe.from_dict({"terms": [{"loss": "mse", "student": "a", "teacher": "a"},
                                          {"loss": "mse", "student": "b", "teacher": "b"}, {"loss": "kd"}]})
     assert [term_name(t, i, recipe.terms) for i, t in enumerate(recipe.terms)] == ["mse_0", "mse_1", "kd"]
+
+
+# ------------------------------------------------------------------------------ loss parameters
+def test_bad_loss_parameter_is_a_recipe_error_at_its_path():
+    """The loss is built when the recipe is validated, so its own checks name the field (issue 8)."""
+    error = error_of({"terms": [{"loss": "kd"}, {"loss": "dkd", "params": {"alpha": -1.0}}]})
+    assert error.path == "terms[1].params.alpha", str(error)
+    error = error_of({"stages": [{"name": "a", "terms": [{"loss": "dkd", "params": {"alpha": -1.0}}]}]})
+    assert error.path == "stages[0].terms[0].params.alpha", str(error)
+
+
+def test_stray_constructor_errors_name_the_params(monkeypatch):
+    from hfdistill import losses
+
+    def broken(name, **params):
+        raise TypeError("bad combination")
+
+    monkeypatch.setattr(losses, "build", broken)
+    error = error_of({"terms": [{"loss": "kd"}]})
+    assert error.path == "terms[0].params" and "bad combination" in str(error)
+
+
+def test_loss_param_error_maps_to_the_param(monkeypatch):
+    from hfdistill import losses
+    from hfdistill.errors import LossParamError
+
+    def picky(name, **params):
+        raise LossParamError("beta", "must be >= 0, got -2")
+
+    monkeypatch.setattr(losses, "build", picky)
+    error = error_of({"terms": [{"loss": "kd"}]})
+    assert error.path == "terms[0].params.beta" and str(error).endswith("must be >= 0, got -2")
+
+
+# ------------------------------------------------------------------------------ overrides
+TINY = {
+    "task": "image-classification",
+    "teacher": {"name": "timm:test_resnet", "pretrained": False},
+    "student": {"name": "timm:test_efficientnet"},
+    "data": {"name": "sklearn-digits", "image_size": 16, "max_train_samples": 128, "max_eval_samples": 64},
+    "terms": [{"loss": "kd", "weight": 0.5, "params": {"temperature": 4}}],
+    "training": {"output_dir": "out/student", "max_steps": 4, "learning_rate": 0.001, "save_strategy": "no"},
+}
+
+
+def write(tmp_path, recipe: dict, name: str = "recipe.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return str(path)
+
+
+def test_parse_overrides_types():
+    pairs = parse_overrides(["--training.learning_rate", "0.01", "--terms.0.weight=0.5", "--student.baseline", "true",
+                             "--student.name", "timm:resnet10t", "--data.options", "{topics: [ai]}",
+                             "--training.save_strategy", "no"])
+    assert pairs == [
+        ("training.learning_rate", 0.01),
+        ("terms.0.weight", 0.5),
+        ("student.baseline", True),
+        ("student.name", "timm:resnet10t"),
+        ("data.options", {"topics": ["ai"]}),
+        ("training.save_strategy", "no"),  # not YAML 1.1's False
+    ]
+
+
+def test_parse_overrides_rejects_bare_values():
+    with pytest.raises(OverrideError, match="overrides look like"):
+        parse_overrides(["0.01"])
+    with pytest.raises(OverrideError, match="has no value"):
+        parse_overrides(["--training.learning_rate"])
+
+
+def test_apply_overrides_nested_and_lists():
+    out = apply_overrides(TINY, [("training.learning_rate", 0.01), ("terms.0.weight", 0.25),
+                                 ("terms.0.params.temperature", 2), ("student.kwargs.drop_rate", 0.1)])
+    assert out["training"]["learning_rate"] == 0.01
+    assert out["terms"][0]["weight"] == 0.25 and out["terms"][0]["params"]["temperature"] == 2
+    assert out["student"]["kwargs"] == {"drop_rate": 0.1}
+    assert TINY["training"]["learning_rate"] == 0.001  # the input is not modified
+
+
+@pytest.mark.parametrize(
+    "key, path, message",
+    [
+        ("studnet.name", "studnet", "did you mean 'student'"),
+        ("terms.3.weight", "terms.3", "1 item"),
+        ("student.nmae", "student.nmae", "did you mean 'name'"),
+        ("terms.0.wieght", "terms.0.wieght", "did you mean 'weight'"),
+        ("stages.0.name", "stages", "the recipe has no `stages`"),
+        ("base", "base", "there is no recipe key 'base'"),
+    ],
+)
+def test_apply_overrides_unknown_keys(key, path, message):
+    with pytest.raises(OverrideError, match=message) as info:
+        apply_overrides(TINY, [(key, 1)])
+    assert info.value.path == path
+
+
+def test_load_recipe_with_override_checks_training_keys(tmp_path):
+    path = write(tmp_path, TINY)
+    recipe = load_recipe(path, ["--training.learning_rate", "0.02", "--terms.0.weight", "0.7"])
+    assert recipe.training["learning_rate"] == 0.02 and recipe.terms[0].weight == 0.7
+    assert load_recipe(path, [("training.learning_rate", 0.03)]).training["learning_rate"] == 0.03  # parsed pairs
+    assert load_recipe(path) == Recipe.from_dict(TINY)
+    with pytest.raises(OverrideError, match="training.learning_rat.*did you mean 'learning_rate'") as info:
+        load_recipe(path, ["--training.learning_rat", "0.02"])
+    assert info.value.path == "training.learning_rat"
+    with pytest.raises(OverrideError, match="after the command-line overrides") as info:
+        load_recipe(path, ["--terms.0.weight", "-1"])
+    assert info.value.path == "terms[0].weight"
