@@ -25,15 +25,11 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .errors import DistillationError
+from .errors import DistillationError, TapError  # noqa: F401 - TapError re-exported
 
 HEAD_TAPS = ("pooled", "features")
 SEQUENCE_OUTPUTS = ("hidden_states", "attentions")
 HEAD_ATTRIBUTES = ("classifier", "score", "head", "fc", "lm_head")
-
-
-class TapError(DistillationError):
-    """A tap that does not exist on its model; the message lists the closest real paths."""
 
 
 @dataclass(frozen=True)
@@ -245,3 +241,12 @@ class ModelTaps:
                     f"Closest module paths: {', '.join(closest_paths(self.root, tap.path)) or 'none'}. "
                     "Write module paths relative to the model object you passed."
                 )
+
+
+def use_eager_attention_if_needed(model: nn.Module, taps: ModelTaps) -> None:
+    """Attention maps come back only from the eager attention implementation: switch to it when tapped."""
+    from transformers import PreTrainedModel
+
+    if taps.forward_kwargs.get("output_attentions") and isinstance(model, PreTrainedModel):
+        if getattr(model.config, "_attn_implementation", "eager") != "eager":
+            model.set_attn_implementation("eager")

@@ -10,7 +10,7 @@ from conftest import accuracy, tiny_hf_resnet, tiny_timm, tiny_vit
 from transformers import TimmWrapperForImageClassification, TrainerCallback, ViTForImageClassification
 
 from hfdistill import DistillationConfig, DistillationError, DistillationTrainer
-from hfdistill.trainer import DISTILL_STATE_NAME
+from hfdistill.outputs import DISTILL_STATE_NAME
 
 
 def make_args(tmp_path, **overrides):
@@ -83,8 +83,8 @@ def test_timm_pair_loss_goes_down_teacher_frozen(tmp_path, digits):
     assert modes and not any(modes)
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     # Hooks are gone and nothing captured is held after training.
-    assert not trainer.model.student_taps._handles and not trainer.teacher_taps._handles
-    assert not trainer.model.student_taps._store and not trainer.teacher_taps._store
+    assert not trainer.model.student_taps._handles and not trainer.frozen_teacher.taps._handles
+    assert not trainer.model.student_taps._store and not trainer.frozen_teacher.taps._store
     assert all(not m._forward_hooks for m in list(student.modules()) + list(teacher.modules()))
 
     metrics = trainer.evaluate()

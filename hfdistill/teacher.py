@@ -1,0 +1,137 @@
+"""The frozen teacher behind one interface (DESIGN.md, contract 5).
+
+Every teacher call goes through a :class:`Teacher`: the trainer's training step, its dry run, the
+teacher's evaluation and the run's latency summary. It owns the frozen model, its taps, the
+conversion of a batch into the teacher's inputs, its dtype and its eval-mode guard.
+
+The interface the trainer relies on is small, so that a cache of teacher outputs (which reads
+stored features by example index instead of running a model) can stand in for a live model:
+
+- ``features(batch) -> {tap: fp32 tensor}``: what the loss terms read;
+- ``outputs(batch)``: the model's own outputs (evaluation, latency);
+- ``attach()`` / ``remove()``: install and remove the taps' hooks around training;
+- ``model``: the ``nn.Module`` (None for a cache), ``dtype``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .errors import DistillationError
+from .taps import ModelTaps, use_eager_attention_if_needed
+
+# Batch fields named `teacher_<x>` go to the teacher as `<x>` (its own tokenisation or resolution).
+TEACHER_INPUT_PREFIX = "teacher_"
+TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a timm or plain module takes positionally, in order of preference.
+POSITIONAL_INPUTS = ("pixel_values", "input_ids", "inputs", "x")
+
+
+def to_float(value: Any) -> Any:
+    """Half-precision tensors (and lists of them) as fp32; everything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+    if isinstance(value, (list, tuple)):
+        return [to_float(v) for v in value]
+    return value
+
+
+class Teacher:
+    """A frozen teacher model and the taps the loss terms read from it.
+
+    Args:
+        model: a transformers model, a timm model, or any ``nn.Module`` whose forward takes the main
+            input tensor. It is frozen here: ``requires_grad=False``, eval mode at every call.
+        taps: the tap texts the terms read (module paths or named outputs).
+        device: where it runs (``hf_device_map`` models stay where they are).
+        dtype: ``auto`` (as loaded), ``float32``, ``bfloat16`` or ``float16``.
+        inputs_fn: optional ``batch -> teacher inputs``; by default the batch's ``teacher_*`` fields
+            (prefix removed) and otherwise the student's inputs (``shared_input_names``).
+        shared_input_names: batch fields the teacher may take from the student's inputs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        taps: Iterable[str] = (),
+        *,
+        device: torch.device | str = "cpu",
+        dtype: str = "auto",
+        inputs_fn: Callable[[dict], dict] | None = None,
+        shared_input_names: Iterable[str] = (),
+    ):
+        if not isinstance(model, nn.Module):
+            raise DistillationError(f"the teacher must be an nn.Module, got {type(model).__name__}")
+        if dtype not in TEACHER_DTYPES:
+            raise DistillationError(f"teacher dtype must be one of {', '.join(TEACHER_DTYPES)}, got {dtype!r}")
+        model.requires_grad_(False)
+        model.eval()
+        cast = TEACHER_DTYPES[dtype]
+        if getattr(model, "hf_device_map", None) is None:
+            model.to(device=device, dtype=cast) if cast else model.to(device)
+        elif cast is not None:
+            model.to(dtype=cast)
+        self.model = model
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        self.inputs_fn = inputs_fn
+        self.shared_input_names = set(shared_input_names)
+        self.input_names = set(inspect.signature(model.forward).parameters)
+        self.taps = ModelTaps(model, taps, "teacher")
+        self.taps.check_paths()
+        use_eager_attention_if_needed(model, self.taps)
+
+    # ---- inputs ----
+    def call_inputs(self, batch: dict) -> dict:
+        """The teacher's inputs for a batch: ``inputs_fn``, else ``teacher_*`` fields over the shared inputs."""
+        if self.inputs_fn is not None:
+            return self.inputs_fn(batch)
+        own = {k[len(TEACHER_INPUT_PREFIX):]: v for k, v in batch.items() if k.startswith(TEACHER_INPUT_PREFIX)}
+        shared = {k: v for k, v in batch.items() if k in self.shared_input_names}
+        return {**shared, **own}
+
+    def _forward(self, inputs: dict, forward_kwargs: dict) -> Any:
+        if self.dtype is not None and self.dtype != torch.float32:  # a half-precision teacher takes half inputs
+            inputs = {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                      for k, v in inputs.items()}
+        if isinstance(self.model, PreTrainedModel):
+            return self.model(**{k: v for k, v in inputs.items() if k in self.input_names}, **forward_kwargs)
+        for key in POSITIONAL_INPUTS:  # timm and plain modules take the main input tensor positionally
+            if key in inputs:
+                return self.model(inputs[key])
+        raise DistillationError(
+            f"cannot tell which input the teacher ({type(self.model).__name__}) takes from {sorted(inputs)}; "
+            "pass `teacher_inputs=` to DistillationTrainer"
+        )
+
+    # ---- the interface ----
+    @torch.no_grad()
+    def outputs(self, batch: dict) -> Any:
+        """The teacher's own outputs for a batch (no taps recorded)."""
+        self.model.eval()  # whatever called .train() on it, the teacher runs in eval mode
+        return self._forward(self.call_inputs(batch), {})
+
+    @torch.no_grad()
+    def features(self, batch: dict) -> dict[str, Any]:
+        """The tapped teacher values for a batch, in fp32 (the terms compute in fp32)."""
+        self.model.eval()
+        with self.taps.recording():
+            outputs = self._forward(self.call_inputs(batch), self.taps.forward_kwargs)
+        try:
+            return {k: to_float(v) for k, v in self.taps.gather(outputs).items()}
+        finally:
+            self.taps.clear()
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        outputs = self.outputs(batch)
+        return outputs if isinstance(outputs, torch.Tensor) else outputs["logits"]
+
+    def attach(self) -> None:
+        self.taps.attach()
+
+    def remove(self) -> None:
+        self.taps.remove()
