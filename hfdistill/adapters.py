@@ -3,18 +3,40 @@
 Each adapter is built from the two shapes seen in the trainer's dry-run forward
 (``student_shape``, ``teacher_shape``, batch dimension included) plus its recipe parameters.
 Adapters are optimised with the student and live in Trainer checkpoints, never in the saved student.
+
+Errors: an unknown adapter, an unknown parameter, a parameter value out of its domain and shapes an
+adapter cannot map all raise :class:`hfdistill.errors.AdapterError` (a bad-input error: the CLI exits 2).
+:func:`check_adapter_params` checks a recipe's parameters without the shapes, before anything runs.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import AdapterError
+
 _ADAPTERS: dict[str, type[nn.Module]] = {}
+
+RESIZE_MODES = ("auto", "pool", "bilinear")
+
+
+# Parameter checks, one per parameter kind; each returns an error text or None.
+def _is_bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+
+def _is_resize_mode(value: Any) -> str | None:
+    return None if isinstance(value, str) and value in RESIZE_MODES else f"must be one of {', '.join(RESIZE_MODES)}, got {value!r}"
+
+
+def _is_positive_int_or_none(value: Any) -> str | None:
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    return None if ok else f"must be an integer >= 1 or null, got {value!r}"
 
 
 def register_adapter(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -31,16 +53,46 @@ def available_adapters() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def _get(name: str) -> type[nn.Module]:
+    if name not in _ADAPTERS:
+        raise AdapterError(f"unknown adapter {name!r}; registered adapters: {', '.join(available_adapters())}")
+    return _ADAPTERS[name]
+
+
 def get_adapter_params(name: str) -> tuple[str, ...]:
     """The recipe parameters of an adapter (its constructor's keywords after the two shapes)."""
-    signature = inspect.signature(_ADAPTERS[name].__init__)
+    signature = inspect.signature(_get(name).__init__)
     return tuple(p for p in signature.parameters if p not in ("self", "student_shape", "teacher_shape"))
 
 
+def _param_error(key: str, message: str) -> AdapterError:
+    error = AdapterError(message)
+    error.param = key  # the recipe validator reports it at terms[i].adapter_params.<param>
+    return error
+
+
+def check_adapter_params(name: str, params: dict) -> None:
+    """Check an adapter's recipe parameters (names and values) without building it.
+
+    Raises AdapterError; for a parameter's name or value its ``param`` attribute names the parameter.
+    """
+    cls = _get(name)
+    allowed = get_adapter_params(name)
+    for key, value in params.items():
+        if key not in allowed:
+            raise _param_error(
+                key, f"adapter {name!r} has no parameter {key!r}; its parameters are: {', '.join(allowed) or 'none'}"
+            )
+        check = getattr(cls, "param_checks", {}).get(key)
+        problem = check(value) if check is not None else None
+        if problem:
+            raise _param_error(key, f"adapter {name!r}: parameter {key!r} {problem}")
+
+
 def build_adapter(name: str, student_shape: torch.Size, teacher_shape: torch.Size, **params) -> nn.Module:
-    if name not in _ADAPTERS:
-        raise KeyError(f"unknown adapter {name!r}; registered adapters: {', '.join(available_adapters())}")
-    return _ADAPTERS[name](torch.Size(student_shape), torch.Size(teacher_shape), **params)
+    """Build adapter ``name`` for these shapes; AdapterError for an unknown name, parameter or value, or shapes it cannot map."""
+    check_adapter_params(name, params)
+    return _get(name)(torch.Size(student_shape), torch.Size(teacher_shape), **params)
 
 
 def suggest_adapter(student_shape: torch.Size, teacher_shape: torch.Size) -> str:
@@ -64,9 +116,10 @@ def resize_spatial(x: torch.Tensor, size: tuple[int, int], mode: str = "auto") -
 
 def _require_ndim(name: str, shape: torch.Size, allowed: tuple[int, ...], which: str) -> None:
     if len(shape) not in allowed:
-        raise ValueError(
+        raise AdapterError(
             f"adapter {name!r} takes {' or '.join(f'{n}-d' for n in allowed)} tensors, "
-            f"but the {which} tap has shape {tuple(shape)}"
+            f"but the {which} tap has shape {tuple(shape)}; pick an adapter for that shape (linear or mlp map "
+            "the last dimension of any tensor)"
         )
 
 
@@ -84,6 +137,8 @@ class IdentityAdapter(nn.Module):
 @register_adapter("linear")
 class LinearAdapter(nn.Module):
     """A linear map of the last (feature) dimension: [B, D_s] or [B, T, D_s] -> D_t; for [B, C, H, W] the channels."""
+
+    param_checks = {"bias": _is_bool}
 
     def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size, bias: bool = True):
         super().__init__()
@@ -104,6 +159,8 @@ class LinearAdapter(nn.Module):
 @register_adapter("conv1x1")
 class Conv1x1Adapter(nn.Module):
     """1x1 convolution from student to teacher channels, optional BatchNorm, spatial resize when sizes differ."""
+
+    param_checks = {"bn": _is_bool, "resize": _is_resize_mode}
 
     def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size, bn: bool = True, resize: str = "auto"):
         super().__init__()
@@ -128,6 +185,8 @@ class ConvRegressor(nn.Module):
     another amount, and bilinear upsampling plus 3x3 otherwise. The BN and ReLU follow the
     regressor of the RepDistiller reference code (the paper only specifies the conv).
     """
+
+    param_checks = {"relu": _is_bool}
 
     def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size, relu: bool = True):
         super().__init__()
@@ -159,6 +218,8 @@ class ConvRegressor(nn.Module):
 class MLPAdapter(nn.Module):
     """Two linear layers with a GELU between them, on the last dimension (channels for 4-d maps)."""
 
+    param_checks = {"hidden": _is_positive_int_or_none}
+
     def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size, hidden: int | None = None):
         super().__init__()
         _require_ndim("mlp", student_shape, (2, 3, 4), "student")
@@ -180,11 +241,12 @@ class MLPAdapter(nn.Module):
 class ResizeAdapter(nn.Module):
     """Spatial resizing only (no parameters): pool or interpolate [B, C, H, W] to the teacher's H x W."""
 
+    param_checks = {"mode": _is_resize_mode}
+
     def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size, mode: str = "auto"):
         super().__init__()
         _require_ndim("resize", student_shape, (4,), "student")
-        if mode not in ("auto", "pool", "bilinear"):
-            raise ValueError(f"adapter 'resize': mode must be auto, pool or bilinear, got {mode!r}")
+        _require_ndim("resize", teacher_shape, (4,), "teacher")
         self.size = tuple(teacher_shape[2:])
         self.mode = mode
 

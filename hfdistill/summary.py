@@ -12,7 +12,6 @@ reported per example for batch size 1 and for a larger batch.
 
 from __future__ import annotations
 
-import inspect
 import os
 import statistics
 import time
@@ -22,9 +21,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from .outputs import WEIGHT_FILE_PATTERNS
+from .teacher import call_model
 
 
 @dataclass
@@ -121,14 +120,6 @@ def format_bytes(n: int | float | None) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
-
-
-def call_model(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-    """Call a transformers model with the inputs it accepts, a timm/plain module with its main input."""
-    if isinstance(model, PreTrainedModel):
-        accepted = set(inspect.signature(model.forward).parameters)
-        return model(**{k: v for k, v in inputs.items() if k in accepted and k != "labels"})
-    return model(inputs["pixel_values"] if "pixel_values" in inputs else inputs["input_ids"])
 
 
 def _slice(inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:

@@ -41,6 +41,21 @@ def to_float(value: Any) -> Any:
     return value
 
 
+def call_model(model: nn.Module, inputs: dict, input_names: set[str] | None = None, **forward_kwargs) -> Any:
+    """Call a transformers model with the inputs it accepts (never ``labels``), a timm or plain module
+    with its main input tensor (positionally)."""
+    if isinstance(model, PreTrainedModel):
+        accepted = input_names if input_names is not None else set(inspect.signature(model.forward).parameters)
+        return model(**{k: v for k, v in inputs.items() if k in accepted and k != "labels"}, **forward_kwargs)
+    for key in POSITIONAL_INPUTS:
+        if key in inputs:
+            return model(inputs[key])
+    raise DistillationError(
+        f"cannot tell which input {type(model).__name__} takes from {sorted(inputs)}; "
+        "pass `teacher_inputs=` to DistillationTrainer"
+    )
+
+
 class Teacher:
     """A frozen teacher model and the taps the loss terms read from it.
 
@@ -98,15 +113,7 @@ class Teacher:
         if self.dtype is not None and self.dtype != torch.float32:  # a half-precision teacher takes half inputs
             inputs = {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                       for k, v in inputs.items()}
-        if isinstance(self.model, PreTrainedModel):
-            return self.model(**{k: v for k, v in inputs.items() if k in self.input_names}, **forward_kwargs)
-        for key in POSITIONAL_INPUTS:  # timm and plain modules take the main input tensor positionally
-            if key in inputs:
-                return self.model(inputs[key])
-        raise DistillationError(
-            f"cannot tell which input the teacher ({type(self.model).__name__}) takes from {sorted(inputs)}; "
-            "pass `teacher_inputs=` to DistillationTrainer"
-        )
+        return call_model(self.model, inputs, self.input_names, **forward_kwargs)
 
     # ---- the interface ----
     @torch.no_grad()

@@ -5,6 +5,7 @@ parameter validation)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfdistill import losses
+from hfdistill.errors import DistillationError, LossParamError
 from hfdistill.losses.features import _hcl, ofd_margin_from_bn
+from hfdistill.terms import LossContext
 
 FEATURE_METHODS = ["mse", "cosine", "at", "nst", "ft", "ofd", "afd", "kr", "srd", "ickd", "cwd"]
 
@@ -55,9 +58,11 @@ def test_registry_flags_and_aliases():
     assert flags["kr"].fields == ("epoch",)
     assert losses.get_info("fitnet").cls is flags["mse"].cls
     assert losses.get_info("reviewkd").cls is flags["kr"].cls
-    assert losses.get_info("chsim").cls is flags["cwd"].cls
-    with pytest.raises(TypeError, match="temperature"):
+    # torchdistill's ChSimLoss is ICKD, so no `chsim` alias (it once named CWD here)
+    assert "chsim" not in losses.available()
+    with pytest.raises(LossParamError, match="temperature") as info:
         losses.build("at", temperature=2.0)
+    assert info.value.param == "temperature"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +84,7 @@ def test_mse_value_and_properties():
     assert torch.isfinite(losses.build("mse")(x * 1e4, y)).item()
     assert torch.isfinite(losses.build("mse")(x[:1], y[:1]))
     assert losses.build("mse")(x, y.bfloat16()).dtype == torch.float32
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(DistillationError, match="same shape"):
         losses.build("mse")(x, torch.randn(2, 5, 4, 4))
 
 
@@ -121,7 +126,7 @@ def test_cosine_properties():
     assert torch.any(x.grad != 0)
     assert torch.isfinite(cos(x * 1e4, torch.randn(2, 5, 8)))
     assert torch.isfinite(cos(torch.zeros(1, 2, 4), torch.randn(1, 2, 4)))
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(LossParamError, match="'eps'"):
         losses.build("cosine", eps=0)
 
 
@@ -130,14 +135,15 @@ def test_cosine_properties():
 # ---------------------------------------------------------------------------------------------
 
 
-def _at_reference(s_list, t_list, beta=1000.0, p=2.0):
+def _at_reference(s_list, t_list, beta=1000.0, p=2.0) -> float:
+    """A Python float: pytest.approx compares floats (given a tensor, pytest >= 9.2 fails to iterate it)."""
     total = 0.0
     for s, t in zip(s_list, t_list):
         qs = s.abs().pow(p).sum(1).reshape(s.shape[0], -1)  # paper: sum over channels
         qt = t.abs().pow(p).sum(1).reshape(t.shape[0], -1)
         qs = qs / qs.pow(2).sum(1, keepdim=True).sqrt()
         qt = qt / qt.pow(2).sum(1, keepdim=True).sqrt()
-        total += ((qs - qt) ** 2).sum() / qs.numel()
+        total += float(((qs - qt) ** 2).sum()) / qs.numel()
     return beta / 2 * total
 
 
@@ -171,11 +177,11 @@ def test_at_properties():
     assert torch.isfinite(at([x * 1e4], [torch.randn(2, 8, 4, 4)]))
     assert torch.isfinite(at([x[:1]], [torch.randn(1, 8, 4, 4)]))
     assert torch.isfinite(at([torch.randn(2, 6, 8)], [torch.randn(2, 6, 16)]))  # hidden states [B, T, D]
-    with pytest.raises(ValueError, match="p"):
+    with pytest.raises(LossParamError, match="'p'"):
         losses.build("at", p=0)
-    with pytest.raises(ValueError, match="beta"):
+    with pytest.raises(LossParamError, match="'beta'"):
         losses.build("at", beta=-1)
-    with pytest.raises(ValueError, match="as many"):
+    with pytest.raises(DistillationError, match="as many"):
         at([x, x], [x])
 
 
@@ -222,7 +228,7 @@ def test_nst_properties():
     assert torch.isfinite(nst(x * 1e4, torch.randn(2, 6, 4, 4)))
     assert torch.isfinite(nst(x[:1], torch.randn(1, 6, 4, 4)))
     for bad in ({"d": 0}, {"d": 1.5}, {"c": -1.0}):
-        with pytest.raises(ValueError, match="nst"):
+        with pytest.raises(LossParamError, match="'[dc]'"):
             losses.build("nst", **bad)
 
 
@@ -230,50 +236,204 @@ def test_nst_properties():
 # ft
 # ---------------------------------------------------------------------------------------------
 
+FT_TRANSFER_ERROR = (
+    "FT's transfer phase needs a paraphraser trained in an earlier stage: add a stage with the same term name "
+    "and params {phase: paraphraser}"
+)
 
-def _ft_built(cs=3, ct=4, hw=4):
-    ft = losses.build("ft")
-    ft.configure(torch.Size([2, cs, hw, hw]), torch.Size([2, ct, hw, hw]))
+
+def _ft_built(cs=3, ct=8, hw=4, **params):
+    ft = losses.build("ft", **params)
+    ft.configure(LossContext(student_shape=torch.Size([2, cs, hw, hw]), teacher_shape=torch.Size([2, ct, hw, hw])))
     return ft
 
 
-def test_ft_value_against_formula():
-    torch.manual_seed(0)
-    ft = _ft_built()
-    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4)
-    factor = ft.translator(s).detach()
-    assert factor.shape == (2, 4, 4, 4)
-    us = factor.reshape(2, -1)
-    ut = t.reshape(2, -1)
-    us = us / us.pow(2).sum(1, keepdim=True).sqrt()
-    ut = ut / ut.pow(2).sum(1, keepdim=True).sqrt()
-    expected_l1 = (us - ut).abs().sum(1).mean() / us.shape[1]
-    assert ft(s, t).item() == pytest.approx(float(expected_l1.detach()), rel=1e-5)
-    ft.p = 2.0
-    assert ft(s, t).item() == pytest.approx(float(((us - ut) ** 2).mean()), rel=1e-5)
+def _stack_by_hand(x, layers, transposed=False):
+    """(transposed) conv 3x3 stride 1 padding 1 -> BatchNorm -> LeakyReLU(0.1), written with the functional API."""
+    convs = [m for m in layers if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    bns = [m for m in layers if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == len(bns) == 3
+    for conv, bn in zip(convs, bns):
+        assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+        if transposed:
+            x = F.conv_transpose2d(x, conv.weight, conv.bias, padding=1)
+        else:
+            x = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        if bn.training:
+            x = _bn_train(x, bn.eps, bn.weight, bn.bias)
+        else:
+            x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        x = torch.where(x >= 0, x, 0.1 * x)
+    return x
 
 
-def test_ft_properties_and_gradients():
+def _ft_formula(factor_s, factor_t, p=1.0):
+    u_s = factor_s.reshape(factor_s.shape[0], -1)
+    u_t = factor_t.reshape(factor_t.shape[0], -1)
+    u_s = u_s / u_s.pow(2).sum(1, keepdim=True).sqrt()
+    u_t = u_t / u_t.pow(2).sum(1, keepdim=True).sqrt()
+    return float((u_s - u_t).abs().pow(p).sum() / u_s.numel())  # the authors' nn.L1Loss(): mean over elements
+
+
+def test_ft_modules_follow_the_paper():
+    ft = _ft_built(cs=3, ct=8)
+    assert ft.phase == "transfer" and ft.rate == 0.5 and ft.p == 1.0
+    # paraphraser: 8 -> 8 -> k -> k -> k -> 8 -> 8 with k = 0.5 * 8; translator: 3 -> 3 -> k -> k
+    enc = [m.out_channels for m in ft.paraphraser.encoder if isinstance(m, nn.Conv2d)]
+    dec = [m.out_channels for m in ft.paraphraser.decoder if isinstance(m, nn.ConvTranspose2d)]
+    tra = [m.out_channels for m in ft.translator if isinstance(m, nn.Conv2d)]
+    assert (enc, dec, tra) == ([8, 4, 4], [4, 8, 8], [3, 4, 4])
+    assert _ft_built(cs=3, ct=8, rate=0.25).paraphraser.encoder[3].out_channels == 2
+    assert _ft_built(cs=3, ct=5, rate=0.5).translator[-3].out_channels == 2  # round(2.5) -> 2 (round half to even)
+    assert _ft_built(cs=3, ct=3, rate=0.1).translator[-3].out_channels == 1  # at least one factor channel
+
+
+def test_ft_transfer_value_against_formula():
     torch.manual_seed(0)
+    ft = _ft_built(cs=3, ct=8)
+    ft.train()
+    assert not ft.paraphraser.training and ft.translator.training  # frozen paraphraser stays in eval mode
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        factor_t = _stack_by_hand(t, ft.paraphraser.encoder)  # [2, 4, 4, 4]
+        factor_s = _stack_by_hand(s, ft.translator)  # [2, 4, 4, 4]
+    assert factor_t.shape == factor_s.shape == (2, 4, 4, 4)
+    assert ft(s, t).item() == pytest.approx(_ft_formula(factor_s, factor_t), rel=1e-5)
+    ft2 = _ft_built(cs=3, ct=8, p=2.0)
+    ft2.load_state_dict(ft.state_dict())
+    assert ft2(s, t).item() == pytest.approx(_ft_formula(factor_s, factor_t, p=2.0), rel=1e-5)
+
+
+def test_ft_paraphraser_phase_value_and_flag():
+    torch.manual_seed(0)
+    ft = _ft_built(cs=3, ct=8, phase="paraphraser")
+    t = torch.randn(2, 8, 4, 4)
+    assert not bool(ft.paraphraser_trained)
+    ft.eval()
+    with torch.no_grad():
+        ft(None, t)  # an evaluation forward is not a training step
+    assert not bool(ft.paraphraser_trained)
+    ft.train()
+    with torch.no_grad():
+        reconstruction = _stack_by_hand(_stack_by_hand(t, ft.paraphraser.encoder), ft.paraphraser.decoder, transposed=True)
+    expected = float(((reconstruction - t) ** 2).mean())  # L_rec = ||x - P(x)||^2, mean over elements
+    assert ft(None, t).item() == pytest.approx(expected, rel=1e-5)  # the student value is not used
+    assert bool(ft.paraphraser_trained)
+
+
+def test_ft_phases_choose_what_trains():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 8, 4, 4)
+    para = _ft_built(phase="paraphraser")
+    assert all(p.requires_grad for p in para.paraphraser.parameters())
+    assert not any(p.requires_grad for p in para.translator.parameters())
+    para.train()
+    assert para.paraphraser.training
+    para(s, t).backward()
+    assert _params_have_grad(para.paraphraser) == [] and s.grad is None
+    assert all(p.grad is None for p in para.translator.parameters())
+
     ft = _ft_built()
-    s = torch.randn(2, 3, 4, 4, requires_grad=True)
-    target = ft.translator(s).detach()
-    assert ft(s, 7 * target).item() == pytest.approx(0.0, abs=1e-6)  # matched factor (scale-free)
-    ft(s, torch.randn(2, 4, 4, 4)).backward()
-    assert torch.any(s.grad != 0)
+    assert not any(p.requires_grad for p in ft.paraphraser.parameters())
+    assert all(p.requires_grad for p in ft.translator.parameters())
+    for p in ft.paraphraser.parameters():  # even if something switched them back on, no gradient reaches them
+        p.requires_grad_(True)
+    ft.paraphraser_trained.fill_(True)
+    ft.on_train_begin(LossContext())
+    assert not any(p.requires_grad for p in ft.paraphraser.parameters())  # on_train_begin re-applies the phase
+    ft.train()
+    ft(s, t).backward()
+    assert s.grad is not None and torch.any(s.grad != 0)
     assert _params_have_grad(ft.translator) == []
-    assert torch.isfinite(ft(s.detach() * 1e4, torch.randn(2, 4, 4, 4)))
-    assert torch.isfinite(ft(s.detach()[:1], torch.randn(1, 4, 4, 4)))
-    assert torch.isfinite(ft(torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)))  # student map pooled
+    assert all(p.grad is None for p in ft.paraphraser.parameters())
+    running = ft.paraphraser.encoder[1].running_mean.clone()
+    ft(s, t)
+    torch.testing.assert_close(ft.paraphraser.encoder[1].running_mean, running)  # eval-mode BN: statistics kept
+
+
+def test_ft_state_dict_is_the_same_in_both_phases_and_carries_the_paraphraser():
+    torch.manual_seed(0)
+    para, transfer = _ft_built(phase="paraphraser"), _ft_built(phase="transfer")
+    assert {k: v.shape for k, v in para.state_dict().items()} == {k: v.shape for k, v in transfer.state_dict().items()}
+    assert "paraphraser_trained" in para.state_dict()
+    # stage 1: train the paraphraser alone on the teacher's map
+    t = torch.randn(4, 8, 4, 4)
+    opt = torch.optim.Adam([p for p in para.parameters() if p.requires_grad], lr=1e-2)
+    para.train()
+    first = para(None, t).item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = para(None, t)
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    # stage 2: a new module for the same term, configured the same way, gets stage 1's state
+    with pytest.raises(DistillationError, match=re.escape(FT_TRANSFER_ERROR)):
+        transfer.on_train_begin(LossContext(term="ft"))
+    transfer.load_state_dict(para.state_dict())
+    transfer.on_train_begin(LossContext(term="ft"))  # the paraphraser was trained: no error
+    frozen = {k: v.clone() for k, v in transfer.paraphraser.state_dict().items()}
+    opt = torch.optim.SGD([p for p in transfer.parameters() if p.requires_grad], lr=0.1)
+    transfer.train()
+    s = torch.randn(4, 3, 4, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        transfer(s, t).backward()
+        opt.step()
+    for k, v in transfer.paraphraser.state_dict().items():
+        torch.testing.assert_close(v, frozen[k])
+    # the teacher factor is the trained encoder's output
+    with torch.no_grad():
+        para.eval()
+        torch.testing.assert_close(transfer.teacher_factor_of(t), para.paraphraser.encoder(t))
+
+
+def test_ft_raw_teacher_factor_variant():
+    torch.manual_seed(0)
+    ft = _ft_built(cs=3, ct=4, teacher_factor="raw")
+    assert ft.paraphraser is None and not any(k.startswith("paraphraser.") for k in ft.state_dict())
+    ft.on_train_begin(LossContext())  # nothing to have trained first
+    s, t = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        factor_s = ft.translator(s)
+    assert factor_s.shape == (2, 4, 4, 4)
+    assert ft(s, t).item() == pytest.approx(_ft_formula(factor_s, t), rel=1e-5)
+    assert ft(s, 7 * factor_s).item() == pytest.approx(0.0, abs=1e-6)  # matched factor (scale-free)
+    ft(s, torch.randn(2, 4, 4, 4)).backward()
+    assert torch.any(s.grad != 0) and _params_have_grad(ft.translator) == []
+    with pytest.raises(LossParamError, match="'phase'"):
+        losses.build("ft", phase="paraphraser", teacher_factor="raw")
+
+
+def test_ft_properties():
+    torch.manual_seed(0)
+    ft = _ft_built(cs=3, ct=8)
+    s = torch.randn(2, 3, 4, 4)
+    assert torch.isfinite(ft(s * 1e4, torch.randn(2, 8, 4, 4)))
+    assert torch.isfinite(ft(torch.randn(2, 3, 8, 8), torch.randn(2, 8, 4, 4)))  # student factor pooled
+    assert torch.isfinite(ft(s, torch.randn(2, 8, 8, 8)))  # teacher factor pooled
+    assert ft(s.bfloat16(), torch.randn(2, 8, 4, 4).bfloat16()).dtype == torch.float32
+    assert torch.isfinite(ft(s[:1], torch.randn(1, 8, 4, 4)))  # batch 1 with positions: BatchNorm has values
 
 
 def test_ft_errors():
     with pytest.raises(RuntimeError, match="configure"):
         losses.build("ft")(torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4))
-    with pytest.raises(ValueError, match="p"):
-        losses.build("ft", p=0)
-    with pytest.raises(ValueError, match="other shapes"):
-        _ft_built(ct=4)(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4))
+    for bad in ({"p": 0}, {"rate": 0}, {"rate": "half"}, {"phase": "stage1"}, {"teacher_factor": "feature"}):
+        with pytest.raises(LossParamError, match=f"'{next(iter(bad))}'"):
+            losses.build("ft", **bad)
+    with pytest.raises(DistillationError, match="teacher"):
+        losses.build("ft").configure(LossContext(student_shape=torch.Size([2, 3, 4, 4]), teacher_shape=None))
+    with pytest.raises(DistillationError, match=r"\[B, C, H, W\]"):
+        losses.build("ft").configure(LossContext(student_shape=torch.Size([2, 3]), teacher_shape=torch.Size([2, 4, 4, 4])))
+    with pytest.raises(DistillationError, match="other shapes"):
+        _ft_built(ct=8)(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4))
+    ft = _ft_built(cs=3, ct=8, hw=1)
+    ft.train()
+    with pytest.raises(DistillationError, match="at least 2 examples"):
+        ft(torch.randn(1, 3, 1, 1), torch.randn(1, 8, 1, 1))
+    ft.eval()
+    assert torch.isfinite(ft(torch.randn(1, 3, 1, 1), torch.randn(1, 8, 1, 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +449,7 @@ def _identity_connector(ofd, c):
 
 def test_ofd_partial_l2_by_hand():
     ofd = losses.build("ofd", margin=-1.0)
-    ofd.configure(torch.Size([1, 2, 1, 1]), torch.Size([1, 2, 1, 1]))
+    ofd.configure(LossContext(student_shape=torch.Size([1, 2, 1, 1]), teacher_shape=torch.Size([1, 2, 1, 1])))
     _identity_connector(ofd, 2)
     k = 1 / math.sqrt(1 + 1e-5)
     t = torch.tensor([-2.0, 3.0]).view(1, 2, 1, 1)  # targets: max(-2, -1) = -1, 3
@@ -304,7 +464,7 @@ def test_ofd_partial_l2_by_hand():
 def test_ofd_value_against_formula():
     torch.manual_seed(0)
     ofd = losses.build("ofd", margin=[-0.5, -1.0, -0.2])
-    ofd.configure(torch.Size([2, 2, 3, 3]), torch.Size([2, 3, 3, 3]))
+    ofd.configure(LossContext(student_shape=torch.Size([2, 2, 3, 3]), teacher_shape=torch.Size([2, 3, 3, 3])))
     s, t = torch.randn(2, 2, 3, 3), torch.randn(2, 3, 3, 3)
     src = ofd.connector(s).detach()
     m = torch.tensor([-0.5, -1.0, -0.2]).view(1, 3, 1, 1).expand_as(t)
@@ -319,7 +479,7 @@ def test_ofd_value_against_formula():
 
 def test_ofd_margin_estimated_from_teacher_batches():
     ofd = losses.build("ofd")
-    ofd.configure(torch.Size([2, 1, 2, 1]), torch.Size([2, 2, 2, 1]))
+    ofd.configure(LossContext(student_shape=torch.Size([2, 1, 2, 1]), teacher_shape=torch.Size([2, 2, 2, 1])))
     t1 = torch.tensor([[[[-1.0], [2.0]], [[3.0], [4.0]]], [[[-3.0], [5.0]], [[1.0], [1.0]]]])
     t2 = torch.tensor([[[[-5.0], [0.0]], [[-2.0], [1.0]]], [[[1.0], [1.0]], [[1.0], [1.0]]]])
     s = torch.zeros(2, 1, 2, 1)
@@ -348,7 +508,7 @@ def test_ofd_margin_from_teacher_bn_matches_gaussian_formula():
     # set before configure: applied when configure builds the buffers
     ofd = losses.build("ofd")
     ofd.set_teacher_bn(weight, bias)
-    ofd.configure(torch.Size([2, 3, 2, 2]), torch.Size([2, 4, 2, 2]))
+    ofd.configure(LossContext(student_shape=torch.Size([2, 3, 2, 2]), teacher_shape=torch.Size([2, 4, 2, 2])))
     assert bool(ofd.has_bn_margin) and ofd.bn_margin.tolist() == pytest.approx(expected, rel=1e-5)
     t = torch.randn(2, 4, 2, 2)
     ofd(torch.randn(2, 3, 2, 2), t)
@@ -358,7 +518,7 @@ def test_ofd_margin_from_teacher_bn_matches_gaussian_formula():
 def test_ofd_gradients_and_edges():
     torch.manual_seed(0)
     ofd = losses.build("ofd")
-    ofd.configure(torch.Size([2, 3, 4, 4]), torch.Size([2, 5, 4, 4]))
+    ofd.configure(LossContext(student_shape=torch.Size([2, 3, 4, 4]), teacher_shape=torch.Size([2, 5, 4, 4])))
     s = torch.randn(2, 3, 4, 4, requires_grad=True)
     ofd(s, torch.randn(2, 5, 4, 4)).backward()
     assert torch.any(s.grad != 0)
@@ -368,10 +528,10 @@ def test_ofd_gradients_and_edges():
     assert torch.isfinite(ofd(torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)))
     with pytest.raises(RuntimeError, match="configure"):
         losses.build("ofd")(s, torch.randn(2, 5, 4, 4))
-    with pytest.raises(ValueError, match="margin"):
+    with pytest.raises(LossParamError, match="'margin'"):
         losses.build("ofd", margin=0.5)
-    with pytest.raises(ValueError, match="channels"):
-        losses.build("ofd", margin=[-1.0, -1.0]).configure(torch.Size([2, 3, 4, 4]), torch.Size([2, 5, 4, 4]))
+    with pytest.raises(LossParamError, match="'margin': has 2 values but the teacher feature has 5 channels"):
+        losses.build("ofd", margin=[-1.0, -1.0]).configure(LossContext(student_shape=torch.Size([2, 3, 4, 4]), teacher_shape=torch.Size([2, 5, 4, 4])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +570,7 @@ def _afd_built(qk_dim=8):
     s_shapes = [torch.Size([3, 2, 4, 4]), torch.Size([3, 4, 2, 2])]
     t_shapes = [torch.Size([3, 3, 4, 4]), torch.Size([3, 5, 2, 2]), torch.Size([3, 6, 2, 2])]
     afd = losses.build("afd", qk_dim=qk_dim)
-    afd.configure(s_shapes, t_shapes)
+    afd.configure(LossContext(student_shape=s_shapes, teacher_shape=t_shapes))
     return afd, [torch.randn(s) for s in s_shapes], [torch.randn(t) for t in t_shapes]
 
 
@@ -426,7 +586,7 @@ def test_afd_value_against_formula():
 def test_afd_properties_and_gradients():
     torch.manual_seed(0)
     afd = losses.build("afd", qk_dim=4)
-    afd.configure([torch.Size([2, 3, 4, 4])], [torch.Size([2, 3, 4, 4])])
+    afd.configure(LossContext(student_shape=[torch.Size([2, 3, 4, 4])], teacher_shape=[torch.Size([2, 3, 4, 4])]))
     x = torch.randn(2, 3, 4, 4)
     assert afd([x], [x]).item() == pytest.approx(0.0, abs=1e-9)
     torch.manual_seed(1)
@@ -436,7 +596,7 @@ def test_afd_properties_and_gradients():
     assert all(torch.any(x.grad != 0) for x in s)
     assert _params_have_grad(afd) == []
     assert torch.isfinite(afd([x.detach() * 1e4 for x in s], t))
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(DistillationError, match="at least 2"):
         afd([x.detach()[:1] for x in s], [x[:1] for x in t])
     afd.eval()
     assert torch.isfinite(afd([x.detach()[:1] for x in s], [x[:1] for x in t]))
@@ -445,10 +605,10 @@ def test_afd_properties_and_gradients():
 def test_afd_errors():
     with pytest.raises(RuntimeError, match="configure"):
         losses.build("afd")([torch.randn(2, 3, 4, 4)], [torch.randn(2, 3, 4, 4)])
-    with pytest.raises(ValueError, match="qk_dim"):
+    with pytest.raises(LossParamError, match="'qk_dim'"):
         losses.build("afd", qk_dim=0)
     afd, s, t = _afd_built()
-    with pytest.raises(ValueError, match="configured for"):
+    with pytest.raises(DistillationError, match="configured for"):
         afd(s[:1], t)
 
 
@@ -473,7 +633,7 @@ def _kr_built(**params):
     s_shapes = [torch.Size([2, 3, 4, 4]), torch.Size([2, 5, 2, 2]), torch.Size([2, 5])]
     t_shapes = [torch.Size([2, 4, 4, 4]), torch.Size([2, 6, 2, 2]), torch.Size([2, 6])]
     kr = losses.build("kr", **params)
-    kr.configure(s_shapes, t_shapes)
+    kr.configure(LossContext(student_shape=s_shapes, teacher_shape=t_shapes))
     return kr, [torch.randn(s) for s in s_shapes], [torch.randn(t) for t in t_shapes]
 
 
@@ -515,20 +675,33 @@ def test_kr_properties_and_gradients():
     assert torch.isfinite(kr([x.detach() * 1e4 for x in s], t))
     # teacher stage larger than the student's: the ABF output is upsampled to it
     kr2 = losses.build("kr")
-    kr2.configure([torch.Size([2, 3, 2, 2])], [torch.Size([2, 4, 4, 4])])
+    kr2.configure(LossContext(student_shape=[torch.Size([2, 3, 2, 2])], teacher_shape=[torch.Size([2, 4, 4, 4])]))
     assert torch.isfinite(kr2([torch.randn(2, 3, 2, 2)], [torch.randn(2, 4, 4, 4)]))
     assert torch.isfinite(kr2([torch.randn(1, 3, 2, 2)], [torch.randn(1, 4, 4, 4)]))  # batch of 1
+
+
+def test_kr_batch_of_one_on_a_pooled_stage():
+    torch.manual_seed(0)
+    kr, s, t = _kr_built()  # the deepest stage is pooled [B, C]: 1x1 for the ABF's BatchNorms
+    kr.train()
+    with pytest.raises(DistillationError, match=r"kr: needs a batch of at least 2 examples in training.*stage 2.*1x1") as info:
+        kr([x[:1] for x in s], [x[:1] for x in t])
+    assert "per_device_train_batch_size" in str(info.value) and "pooled" in str(info.value)
+    kr.eval()  # evaluation uses the running statistics: a batch of one is fine
+    assert torch.isfinite(kr([x[:1] for x in s], [x[:1] for x in t]))
+    kr.train()
+    assert torch.isfinite(kr([x[:2] for x in s], [x[:2] for x in t]))
 
 
 def test_kr_errors():
     with pytest.raises(RuntimeError, match="configure"):
         losses.build("reviewkd")([torch.randn(2, 3, 4, 4)], [torch.randn(2, 3, 4, 4)])
-    with pytest.raises(ValueError, match="mid_channel"):
+    with pytest.raises(LossParamError, match="'mid_channel'"):
         losses.build("kr", mid_channel=0)
-    with pytest.raises(ValueError, match="warmup_epochs"):
+    with pytest.raises(LossParamError, match="'warmup_epochs'"):
         losses.build("kr", warmup_epochs=-1)
-    with pytest.raises(ValueError, match="as many"):
-        losses.build("kr").configure([torch.Size([2, 3, 4, 4])], [torch.Size([2, 3, 4, 4])] * 2)
+    with pytest.raises(DistillationError, match="as many"):
+        losses.build("kr").configure(LossContext(student_shape=[torch.Size([2, 3, 4, 4])], teacher_shape=[torch.Size([2, 3, 4, 4])] * 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,7 +712,7 @@ def test_kr_errors():
 def test_srd_value_against_formula():
     torch.manual_seed(0)
     srd = losses.build("srd")
-    srd.configure(torch.Size([4, 3]), torch.Size([4, 5]))
+    srd.configure(LossContext(student_shape=torch.Size([4, 3]), teacher_shape=torch.Size([4, 5])))
     zs, zt = torch.randn(4, 3), torch.randn(4, 5)
     w, b = srd.projector.weight.detach(), srd.projector.bias.detach()
     fs = _bn_train(zs @ w.t() + b, 1e-4)
@@ -549,7 +722,7 @@ def test_srd_value_against_formula():
     assert srd(zs, zt).item() == pytest.approx(float(expected.detach()), rel=1e-5)
     # conv maps are globally average-pooled first
     srd4 = losses.build("srd", exponent=2.0)
-    srd4.configure(torch.Size([4, 3, 2, 2]), torch.Size([4, 5, 3, 3]))
+    srd4.configure(LossContext(student_shape=torch.Size([4, 3, 2, 2]), teacher_shape=torch.Size([4, 5, 3, 3])))
     srd4.load_state_dict(srd.state_dict())
     xs, xt = torch.randn(4, 3, 2, 2), torch.randn(4, 5, 3, 3)
     fs = _bn_train(xs.mean((2, 3)) @ w.t() + b, 1e-4)
@@ -560,7 +733,7 @@ def test_srd_value_against_formula():
 def test_srd_properties_and_gradients():
     torch.manual_seed(0)
     srd = losses.build("srd")
-    srd.configure(torch.Size([4, 3]), torch.Size([4, 3]))
+    srd.configure(LossContext(student_shape=torch.Size([4, 3]), teacher_shape=torch.Size([4, 3])))
     with torch.no_grad():
         srd.projector.weight.copy_(torch.eye(3))
         srd.projector.bias.zero_()
@@ -572,11 +745,11 @@ def test_srd_properties_and_gradients():
     assert torch.any(z.grad != 0)
     assert _params_have_grad(srd) == []
     assert torch.isfinite(srd(z.detach() * 1e4, zt))
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(DistillationError, match="at least 2"):
         srd(z[:1], zt[:1])
     srd.eval()
     assert torch.isfinite(srd(z[:1], zt[:1]))
-    with pytest.raises(ValueError, match="exponent"):
+    with pytest.raises(LossParamError, match="'exponent'"):
         losses.build("srd", exponent=0)
     with pytest.raises(RuntimeError, match="configure"):
         losses.build("srd")(z, zt)
@@ -590,7 +763,7 @@ def test_srd_properties_and_gradients():
 def test_ickd_value_against_formula():
     torch.manual_seed(0)
     ickd = losses.build("ickd")
-    ickd.configure(torch.Size([2, 3, 2, 2]), torch.Size([2, 4, 3, 3]))
+    ickd.configure(LossContext(student_shape=torch.Size([2, 3, 2, 2]), teacher_shape=torch.Size([2, 4, 3, 3])))
     s, t = torch.randn(2, 3, 2, 2), torch.randn(2, 4, 3, 3)  # spatial sizes may differ
     emb = ickd.embed(s).detach()
     total = 0.0
@@ -606,7 +779,7 @@ def test_ickd_value_against_formula():
 def test_ickd_properties_and_gradients():
     torch.manual_seed(0)
     ickd = losses.build("ickd")
-    ickd.configure(torch.Size([2, 3, 4, 4]), torch.Size([2, 3, 4, 4]))
+    ickd.configure(LossContext(student_shape=torch.Size([2, 3, 4, 4]), teacher_shape=torch.Size([2, 3, 4, 4])))
     with torch.no_grad():
         ickd.embed[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
     ickd.eval()
@@ -620,14 +793,14 @@ def test_ickd_properties_and_gradients():
     assert torch.isfinite(ickd(s.detach() * 1e4, torch.randn(2, 3, 4, 4) * 1e4))
     assert torch.isfinite(ickd(s.detach()[:1], torch.randn(1, 3, 4, 4)))
     hid = losses.build("ickd")
-    hid.configure(torch.Size([2, 5, 8]), torch.Size([2, 7, 6]))  # [B, T, D] hidden states
+    hid.configure(LossContext(student_shape=torch.Size([2, 5, 8]), teacher_shape=torch.Size([2, 7, 6])))  # [B, T, D] hidden states
     assert torch.isfinite(hid(torch.randn(2, 5, 8), torch.randn(2, 7, 6)))
     with pytest.raises(RuntimeError, match="configure"):
         losses.build("ickd")(s, s)
 
 
 # ---------------------------------------------------------------------------------------------
-# cwd / chsim
+# cwd
 # ---------------------------------------------------------------------------------------------
 
 
@@ -639,7 +812,7 @@ def test_cwd_hand_value():
     p = math.exp(2.0) / (math.exp(2.0) + 1.0)  # softmax([8/T, 0])
     kl_channel0 = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
     expected = T**2 * (kl_channel0 + 0.0) / 2
-    assert losses.build("chsim")(s, t).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.build("cwd")(s, t).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_cwd_against_kl_div_and_properties():
@@ -658,7 +831,7 @@ def test_cwd_against_kl_div_and_properties():
     assert torch.isfinite(cwd(s.detach() * 1e4, t * 1e4))
     assert torch.isfinite(cwd(s.detach()[:1], t[:1]))
     assert torch.isfinite(cwd(torch.randn(2, 5, 8), torch.randn(2, 5, 8)))  # [B, T, D]
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(LossParamError, match="'temperature'"):
         losses.build("cwd", temperature=0)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(DistillationError, match="same shape"):
         cwd(s, torch.randn(2, 4, 4, 4))

@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hfdistill.errors import DistillationError, LossParamError
 from hfdistill.losses import build, get_info
+from hfdistill.terms import LossContext
 
 
 def _grad_reaches(loss_fn, student, teacher, **kw):
@@ -88,9 +90,9 @@ def test_pkt_properties():
 
 
 def test_pkt_validation():
-    with pytest.raises(ValueError, match="pkt: eps"):
+    with pytest.raises(LossParamError, match="'eps'"):
         build("pkt", eps=0.0)
-    with pytest.raises(ValueError, match="batch sizes differ"):
+    with pytest.raises(DistillationError, match="batch sizes differ"):
         build("pkt")(torch.randn(3, 2), torch.randn(4, 2))
 
 
@@ -155,14 +157,14 @@ def test_rkd_properties():
     dup[1] = dup[0]
     _grad_reaches(rkd, dup, t)
     assert torch.isfinite(rkd(torch.randn(5, 3) * 1e4, t * 1e4))
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(DistillationError, match="at least 2"):
         rkd(torch.randn(1, 3), torch.randn(1, 3))
 
 
 def test_rkd_validation():
-    with pytest.raises(ValueError, match="rkd: distance_weight"):
+    with pytest.raises(LossParamError, match="'distance_weight'"):
         build("rkd", distance_weight=-1.0)
-    with pytest.raises(ValueError, match="rkd: angle_weight"):
+    with pytest.raises(LossParamError, match="'angle_weight'"):
         build("rkd", angle_weight=-1.0)
 
 
@@ -196,7 +198,7 @@ def test_sp_multi_layer_sums_pairs():
     t = [torch.randn(3, 8, 1, 1), torch.randn(3, 2, 3)]
     sp = build("sp")
     assert sp(s, t).item() == pytest.approx((sp(s[0], t[0]) + sp(s[1], t[1])).item(), rel=1e-6)
-    with pytest.raises(ValueError, match="same number"):
+    with pytest.raises(DistillationError, match="same number"):
         sp(s, t[:1])
 
 
@@ -234,7 +236,7 @@ def test_vid_matches_formula_conv_and_linear():
     torch.manual_seed(0)
     for s_shape, t_shape in [((2, 3, 4, 4), (2, 5, 4, 4)), ((2, 3), (2, 6)), ((2, 4, 3), (2, 4, 6))]:
         vid = build("vid")
-        vid.configure(torch.Size(s_shape), torch.Size(t_shape))
+        vid.configure(LossContext(student_shape=torch.Size(s_shape), teacher_shape=torch.Size(t_shape)))
         s, t = torch.randn(s_shape), torch.randn(t_shape)
         assert vid(s, t).item() == pytest.approx(float(_vid_reference(vid, s, t)), rel=1e-5)
     assert isinstance(vid.regressor[0], torch.nn.Linear)
@@ -242,7 +244,7 @@ def test_vid_matches_formula_conv_and_linear():
 
 def test_vid_initial_variance_and_perfect_prediction():
     vid = build("vid", init_pred_var=5.0, mid_channels=3)
-    vid.configure(torch.Size([2, 3, 2, 2]), torch.Size([2, 3, 2, 2]))
+    vid.configure(LossContext(student_shape=torch.Size([2, 3, 2, 2]), teacher_shape=torch.Size([2, 3, 2, 2])))
     var = F.softplus(vid.alpha) + vid.eps
     assert torch.allclose(var, torch.full((3,), 5.0), atol=1e-5)
     with torch.no_grad():  # identity regressor: mu(s) = s for s >= 0
@@ -256,12 +258,12 @@ def test_vid_initial_variance_and_perfect_prediction():
 def test_vid_pools_the_larger_spatial_size():
     torch.manual_seed(0)
     vid = build("vid")
-    vid.configure(torch.Size([2, 3, 8, 8]), torch.Size([2, 4, 4, 4]))
+    vid.configure(LossContext(student_shape=torch.Size([2, 3, 8, 8]), teacher_shape=torch.Size([2, 4, 4, 4])))
     s, t = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)
     assert vid(s, t).item() == pytest.approx(vid(F.avg_pool2d(s, 2), t).item(), rel=1e-6)
     # student smaller than teacher: the teacher is pooled down to the student's size
     vid2 = build("vid")
-    vid2.configure(torch.Size([2, 3, 2, 2]), torch.Size([2, 4, 4, 4]))
+    vid2.configure(LossContext(student_shape=torch.Size([2, 3, 2, 2]), teacher_shape=torch.Size([2, 4, 4, 4])))
     s2 = torch.randn(2, 3, 2, 2)
     assert vid2(s2, t).item() == pytest.approx(vid2(s2, F.avg_pool2d(t, 2)).item(), rel=1e-6)
 
@@ -269,7 +271,7 @@ def test_vid_pools_the_larger_spatial_size():
 def test_vid_gradients_and_finiteness():
     torch.manual_seed(0)
     vid = build("vid")
-    vid.configure(torch.Size([2, 3, 2, 2]), torch.Size([2, 5, 2, 2]))
+    vid.configure(LossContext(student_shape=torch.Size([2, 3, 2, 2]), teacher_shape=torch.Size([2, 5, 2, 2])))
     _grad_reaches(vid, torch.randn(2, 3, 2, 2), torch.randn(2, 5, 2, 2))
     assert vid.alpha.grad is not None and vid.alpha.grad.abs().sum() > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vid.regressor.parameters())
@@ -281,17 +283,17 @@ def test_vid_gradients_and_finiteness():
 def test_vid_errors():
     with pytest.raises(RuntimeError, match="vid: configure"):
         build("vid")(torch.randn(2, 3, 2, 2), torch.randn(2, 5, 2, 2))
-    with pytest.raises(ValueError, match="vid: eps"):
+    with pytest.raises(LossParamError, match="'eps'"):
         build("vid", eps=0.0)
-    with pytest.raises(ValueError, match="vid: init_pred_var"):
+    with pytest.raises(LossParamError, match="'init_pred_var'"):
         build("vid", init_pred_var=0.0)
-    with pytest.raises(ValueError, match="vid: mid_channels"):
+    with pytest.raises(LossParamError, match="'mid_channels'"):
         build("vid", mid_channels=0)
     vid = build("vid")
-    with pytest.raises(ValueError, match="vid: student"):
-        vid.configure(torch.Size([2, 3, 2, 2]), torch.Size([2, 5]))
-    vid.configure(torch.Size([2, 3, 2, 2]), torch.Size([2, 5, 2, 2]))
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(DistillationError, match="vid: student"):
+        vid.configure(LossContext(student_shape=torch.Size([2, 3, 2, 2]), teacher_shape=torch.Size([2, 5])))
+    vid.configure(LossContext(student_shape=torch.Size([2, 3, 2, 2]), teacher_shape=torch.Size([2, 5, 2, 2])))
+    with pytest.raises(DistillationError, match="channels"):
         vid(torch.randn(2, 4, 2, 2), torch.randn(2, 5, 2, 2))
 
 
@@ -326,7 +328,7 @@ def test_cc_with_embedding_heads():
     s, t = torch.randn(3, 2, 2, 2), torch.randn(3, 5)
     with pytest.raises(RuntimeError, match="cc: configure"):
         cc(s, t)
-    cc.configure(s.shape, t.shape)
+    cc.configure(LossContext(student_shape=s.shape, teacher_shape=t.shape))
     zs = F.normalize(s.reshape(3, -1) @ cc.student_embed.weight.t() + cc.student_embed.bias, dim=1)
     zt = F.normalize(t @ cc.teacher_embed.weight.t() + cc.teacher_embed.bias, dim=1)
     k = lambda z: math.exp(-0.8) * (1 + 0.8 * (z @ z.t()) + 0.32 * (z @ z.t()) ** 2)  # noqa: E731
@@ -347,11 +349,11 @@ def test_cc_properties_and_validation():
     _grad_reaches(cc, torch.randn(4, 3), t)
     assert torch.isfinite(cc(torch.randn(4, 3) * 1e4, t * 1e4))
     assert cc(torch.randn(1, 3), torch.randn(1, 6)).item() == pytest.approx(0.0, abs=1e-7)
-    with pytest.raises(ValueError, match="cc: gamma"):
+    with pytest.raises(LossParamError, match="'gamma'"):
         build("cc", gamma=0.0)
-    with pytest.raises(ValueError, match="cc: p_order"):
+    with pytest.raises(LossParamError, match="'p_order'"):
         build("cc", p_order=-1)
-    with pytest.raises(ValueError, match="cc: embed_dim"):
+    with pytest.raises(LossParamError, match="'embed_dim'"):
         build("cc", embed_dim=0)
 
 
@@ -400,7 +402,7 @@ def test_irg_multi_layer_matches_formula():
     irg = build("irg", transform_pairs=[[0, 1]])
     assert irg(s, t).item() == pytest.approx(float(_irg_reference(s, t, pairs=[(0, 1)])), rel=1e-5)
     # default pairs are consecutive taps; here tap 1 -> 2 changes width, which is an error
-    with pytest.raises(ValueError, match="transform_pairs"):
+    with pytest.raises(DistillationError, match="transform_pairs"):
         build("irg")(s, t)
     no_t = build("irg", transform_weight=0.0)
     assert no_t(s, t).item() == pytest.approx(float(_irg_reference(s, t, wt=0.0, pairs=[])), rel=1e-5)
@@ -420,18 +422,18 @@ def test_irg_properties():
 
 
 def test_irg_errors():
-    with pytest.raises(ValueError, match="irg: vertex_weight"):
+    with pytest.raises(LossParamError, match="'vertex_weight'"):
         build("irg", vertex_weight=-1.0)
-    with pytest.raises(ValueError, match="irg: transform_pairs"):
+    with pytest.raises(LossParamError, match="'transform_pairs'"):
         build("irg", transform_pairs=[[0, 0]])
-    with pytest.raises(ValueError, match="irg: transform_pairs"):
+    with pytest.raises(LossParamError, match="'transform_pairs'"):
         build("irg", transform_pairs=[[0]])
-    with pytest.raises(ValueError, match="vertex_weight: 0"):
+    with pytest.raises(DistillationError, match="vertex_weight: 0"):
         build("irg")(torch.randn(3, 4), torch.randn(3, 5))
     assert torch.isfinite(build("irg", vertex_weight=0.0)(torch.randn(3, 4), torch.randn(3, 5)))
-    with pytest.raises(ValueError, match="tap index"):
+    with pytest.raises(DistillationError, match="tap index"):
         build("irg", transform_pairs=[[0, 3]])([torch.randn(3, 4)] * 2, [torch.randn(3, 4)] * 2)
-    with pytest.raises(ValueError, match="same number"):
+    with pytest.raises(DistillationError, match="same number"):
         build("irg")([torch.randn(3, 4)] * 2, [torch.randn(3, 4)])
 
 
@@ -489,13 +491,13 @@ def test_fsp_properties():
 def test_fsp_errors():
     fsp = build("fsp")
     t = [torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)]
-    with pytest.raises(ValueError, match="2k layers"):
+    with pytest.raises(DistillationError, match="2k layers"):
         fsp(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
-    with pytest.raises(ValueError, match="2k layers"):
+    with pytest.raises(DistillationError, match="2k layers"):
         fsp(t + t[:1], t + t[:1])
-    with pytest.raises(ValueError, match="adapter"):
+    with pytest.raises(DistillationError, match="adapter"):
         fsp([torch.randn(2, 4, 4, 4), torch.randn(2, 5, 4, 4)], t)
-    with pytest.raises(ValueError, match="pair"):
+    with pytest.raises(DistillationError, match="pair"):
         fsp(t + t, t)
-    with pytest.raises(ValueError, match="both layers"):
+    with pytest.raises(DistillationError, match="both layers"):
         fsp([torch.randn(2, 3, 4, 4), torch.randn(2, 4, 5)], [torch.randn(2, 3, 4, 4), torch.randn(2, 4, 5)])

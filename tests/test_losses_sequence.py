@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from hfdistill import losses
+from hfdistill.errors import DistillationError, LossParamError
 from hfdistill.losses.sequence import map_layers
+from hfdistill.terms import LossContext
 
 # Imported at module level so the integration test itself stays fast (the import is the slow part).
 from transformers import BertConfig, BertForSequenceClassification, BertModel
@@ -75,18 +77,18 @@ def test_map_layers_uniform_attentions_matches_tinybert_code():
 def test_map_layers_last_and_explicit():
     assert map_layers(3, 7, "last", with_embeddings=True, loss_name="x") == [(2, 6)]
     assert map_layers(2, 5, (1, -1), with_embeddings=False, loss_name="x") == [(0, 1), (1, 4)]
-    with pytest.raises(ValueError, match="one teacher index per student"):
+    with pytest.raises(DistillationError, match="one teacher index per student"):
         map_layers(3, 5, (1, 2), with_embeddings=False, loss_name="x")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(DistillationError, match="out of range"):
         map_layers(1, 5, (5,), with_embeddings=False, loss_name="x")
-    with pytest.raises(ValueError, match="at least as many teacher layers"):
+    with pytest.raises(DistillationError, match="at least as many teacher layers"):
         map_layers(5, 3, "uniform", with_embeddings=True, loss_name="x")
 
 
 @pytest.mark.parametrize("name", ["hidden_mse", "attention_kl", "attention_mse"])
 @pytest.mark.parametrize("bad", ["every", [], [1.5], [True], 3])
 def test_layer_map_validation(name, bad):
-    with pytest.raises(ValueError, match=f"{name}: layer_map"):
+    with pytest.raises(LossParamError, match="'layer_map'"):
         losses.build(name, layer_map=bad)
 
 
@@ -98,7 +100,7 @@ def test_hidden_mse_uniform_same_dim_matches_formula():
     s = [torch.randn(2, 5, 8) for _ in range(3)]
     t = [torch.randn(2, 5, 8) for _ in range(5)]
     loss = losses.build("hidden_mse")
-    loss.configure([x.shape for x in s], [x.shape for x in t])
+    loss.configure(LossContext(student_shape=[x.shape for x in s], teacher_shape=[x.shape for x in t]))
     assert loss.proj is None
     expected = sum(F.mse_loss(s[m], t[2 * m]) for m in range(3))
     torch.testing.assert_close(loss(s, t), expected)
@@ -109,7 +111,7 @@ def test_hidden_mse_projection_matches_formula_and_gets_gradient():
     s = [torch.randn(2, 4, 6, requires_grad=True) for _ in range(2)]
     t = [torch.randn(2, 4, 10) for _ in range(3)]
     loss = losses.build("hidden_mse", layer_map=[0, 2])
-    loss.configure([x.shape for x in s], [x.shape for x in t])
+    loss.configure(LossContext(student_shape=[x.shape for x in s], teacher_shape=[x.shape for x in t]))
     W, bias = loss.proj.weight, loss.proj.bias
     expected = F.mse_loss(torch.einsum("btd,ed->bte", s[0], W) + bias, t[0]) + F.mse_loss(
         torch.einsum("btd,ed->bte", s[1], W) + bias, t[2]
@@ -150,13 +152,13 @@ def test_hidden_mse_errors():
     loss = losses.build("hidden_mse")
     with pytest.raises(RuntimeError, match="hidden_mse: configure"):
         loss(torch.randn(2, 3, 4), torch.randn(2, 3, 8))
-    loss.configure(torch.Size([2, 3, 4]), torch.Size([2, 3, 8]))
-    with pytest.raises(ValueError, match="attention_mask"):
+    loss.configure(LossContext(student_shape=torch.Size([2, 3, 4]), teacher_shape=torch.Size([2, 3, 8])))
+    with pytest.raises(DistillationError, match="attention_mask"):
         loss(torch.randn(2, 3, 4), torch.randn(2, 3, 8), attention_mask=torch.ones(2, 5))
-    with pytest.raises(ValueError, match="sequence"):
+    with pytest.raises(DistillationError, match="sequence"):
         loss(torch.randn(2, 3, 4), torch.randn(2, 4, 8))
-    with pytest.raises(ValueError, match="different hidden sizes"):
-        loss.configure([torch.Size([2, 3, 4]), torch.Size([2, 3, 5])], [torch.Size([2, 3, 8])])
+    with pytest.raises(DistillationError, match="different hidden sizes"):
+        loss.configure(LossContext(student_shape=[torch.Size([2, 3, 4]), torch.Size([2, 3, 5])], teacher_shape=[torch.Size([2, 3, 8])]))
 
 
 # ---------------------------------------------------------------- embedding_mse
@@ -167,7 +169,7 @@ def test_embedding_mse_matches_formula():
     e_s = torch.randn(3, 4, 6, requires_grad=True)
     e_t = torch.randn(3, 4, 10)
     loss = losses.build("embedding_mse")
-    loss.configure(e_s.shape, e_t.shape)
+    loss.configure(LossContext(student_shape=e_s.shape, teacher_shape=e_t.shape))
     W_e, b_e = loss.proj.weight, loss.proj.bias
     expected = ((e_s @ W_e.T + b_e - e_t) ** 2).sum() / e_t.numel()
     value = loss(e_s, e_t)
@@ -176,7 +178,7 @@ def test_embedding_mse_matches_formula():
     assert e_s.grad.abs().sum() > 0 and W_e.grad.abs().sum() > 0
     # whole hidden_states lists: element 0 (the embedding output) is used
     loss2 = losses.build("embedding_mse")
-    loss2.configure([e_s.shape] * 3, [e_t.shape] * 5)
+    loss2.configure(LossContext(student_shape=[e_s.shape] * 3, teacher_shape=[e_t.shape] * 5))
     loss2.proj.load_state_dict(loss.proj.state_dict())
     torch.testing.assert_close(loss2([e_s, torch.randn(3, 4, 6)], [e_t, torch.randn(3, 4, 10)]), expected)
 
@@ -189,7 +191,7 @@ def test_embedding_mse_properties():
     assert torch.isfinite(loss(e * 1e4, torch.randn(1, 4, 6) * 1e4))
     with pytest.raises(RuntimeError, match="embedding_mse: configure"):
         loss(e, torch.randn(1, 4, 3))
-    with pytest.raises(TypeError):
+    with pytest.raises(LossParamError, match="no parameter 'layer_map'"):
         losses.build("embedding_mse", layer_map="last")
 
 
@@ -234,9 +236,9 @@ def test_attention_kl_properties():
     scores = torch.randn(2, 2, 4, 4, requires_grad=True)
     loss(scores.softmax(-1), softmax_maps(2, 2, 4)).backward()
     assert scores.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="attention_kl: .*heads"):
+    with pytest.raises(DistillationError, match="attention_kl: .*heads"):
         loss(softmax_maps(2, 2, 4), softmax_maps(2, 3, 4))
-    with pytest.raises(ValueError, match="attention maps"):
+    with pytest.raises(DistillationError, match="attention maps"):
         loss(torch.rand(2, 4, 4), torch.rand(2, 4, 4))
 
 
@@ -270,7 +272,7 @@ def test_attention_mse_properties():
     scores = torch.randn(2, 2, 3, 3, requires_grad=True)
     loss(scores.softmax(-1), softmax_maps(2, 2, 3)).backward()
     assert scores.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="attention_mse: .*heads"):
+    with pytest.raises(DistillationError, match="attention_mse: .*heads"):
         loss(softmax_maps(2, 2, 3), softmax_maps(2, 4, 3))
 
 
@@ -303,8 +305,9 @@ def test_minilm_value_relation_relation_heads_and_mask():
     torch.manual_seed(0)
     lengths = [3, 5]
     v_s, v_t = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
-    with pytest.raises(ValueError, match="num_relation_heads"):
+    with pytest.raises(LossParamError, match="num_relation_heads") as info:
         losses.build("minilm_value_relation", student_heads=2, teacher_heads=4)
+    assert info.value.param == "teacher_heads"
     loss = losses.build("minilm_value_relation", student_heads=2, teacher_heads=4, num_relation_heads=4)
     value = loss(v_s, v_t, attention_mask=mask_from(lengths, 5))
     kls = []
@@ -324,9 +327,9 @@ def test_minilm_value_relation_properties():
     loss(v_s, torch.randn(2, 4, 6), attention_mask=mask_from([4, 2], 4)).backward()
     assert v_s.grad.abs().sum() > 0
     assert v_s.grad[1, 2:].abs().sum() == 0  # padded tokens get no gradient
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(DistillationError, match="not divisible"):
         loss(torch.randn(2, 4, 7), torch.randn(2, 4, 8))
-    with pytest.raises(ValueError, match="sequence"):
+    with pytest.raises(DistillationError, match="sequence"):
         loss(torch.randn(2, 4, 8), torch.randn(2, 5, 8))
 
 
@@ -335,8 +338,9 @@ def test_minilm_value_relation_properties():
     [{}, {"student_heads": 2}, {"student_heads": 0, "teacher_heads": 0}, {"num_relation_heads": -1}, {"num_relation_heads": 2.5}],
 )
 def test_minilm_value_relation_validation(params):
-    with pytest.raises(ValueError, match="minilm_value_relation"):
+    with pytest.raises(LossParamError) as info:
         losses.build("minilm_value_relation", **params)
+    assert info.value.param in {"student_heads", "teacher_heads", "num_relation_heads"}
 
 
 # ---------------------------------------------------------------- deit
@@ -369,13 +373,13 @@ def test_deit_properties(mode):
     assert s.grad.abs().sum() > 0
     assert torch.isfinite(loss(torch.randn(2, 10) * 1e4, torch.randn(2, 10) * 1e4))
     assert torch.isfinite(loss(torch.randn(2, 3, 10), torch.randn(2, 3, 10)))  # [B, T, C]
-    with pytest.raises(ValueError, match="deit: .*same shape"):
+    with pytest.raises(DistillationError, match="deit: .*same shape"):
         loss(torch.randn(2, 10), torch.randn(2, 5))
 
 
 @pytest.mark.parametrize("params, match", [({"mode": "medium"}, "mode"), ({"tau": 0.0}, "tau"), ({"tau": -1}, "tau")])
 def test_deit_validation(params, match):
-    with pytest.raises(ValueError, match=f"deit: {match}"):
+    with pytest.raises(LossParamError, match=f"'{match}'"):
         losses.build("deit", **params)
 
 
@@ -397,7 +401,7 @@ def test_bert_hidden_and_attention_losses_backprop():
     out_s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
 
     hidden = losses.build("hidden_mse")
-    hidden.configure([h.shape for h in out_s.hidden_states], [h.shape for h in out_t.hidden_states])
+    hidden.configure(LossContext(student_shape=[h.shape for h in out_s.hidden_states], teacher_shape=[h.shape for h in out_t.hidden_states]))
     attn = losses.build("attention_kl", layer_map="uniform")
     h_loss = hidden(list(out_s.hidden_states), list(out_t.hidden_states), attention_mask=mask)
     a_loss = attn(list(out_s.attentions), list(out_t.attentions), attention_mask=mask)

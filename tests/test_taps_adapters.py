@@ -6,7 +6,14 @@ from conftest import tiny_timm
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from hfdistill.adapters import available_adapters, build_adapter, get_adapter_params, suggest_adapter
+from hfdistill.adapters import (
+    available_adapters,
+    build_adapter,
+    check_adapter_params,
+    get_adapter_params,
+    suggest_adapter,
+)
+from hfdistill.errors import AdapterError, BadInputError
 from hfdistill.taps import ModelTaps, TapError, resolve_module
 
 
@@ -122,13 +129,44 @@ def test_adapters_map_to_teacher_shape_and_train(name, s_shape, t_shape, params)
 def test_adapter_registry_and_errors():
     assert {"identity", "linear", "conv1x1", "conv_reg", "mlp", "resize"} <= set(available_adapters())
     assert get_adapter_params("conv1x1") == ("bn", "resize")
-    with pytest.raises(ValueError, match="conv1x1.*4-d.*shape \\(2, 16\\)"):
+    with pytest.raises(AdapterError, match="conv1x1.*4-d.*shape \\(2, 16\\)"):
         build_adapter("conv1x1", torch.Size((2, 16)), torch.Size((2, 8, 4, 4)))
-    with pytest.raises(KeyError, match="unknown adapter"):
+    with pytest.raises(AdapterError, match="unknown adapter"):
         build_adapter("conv3x3", torch.Size((2, 16)), torch.Size((2, 8)))
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        get_adapter_params("conv3x3")
     assert suggest_adapter(torch.Size((2, 8, 4, 4)), torch.Size((2, 16, 4, 4))) == "conv1x1"
     assert suggest_adapter(torch.Size((2, 5, 8)), torch.Size((2, 5, 16))) == "linear"
     # resize is exact average pooling when shrinking by an integer factor
     x = torch.arange(16.0).view(1, 1, 4, 4)
     y = build_adapter("resize", x.shape, torch.Size((1, 1, 2, 2)))(x)
     torch.testing.assert_close(y, torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
+
+
+@pytest.mark.parametrize(
+    "name, params, match",
+    [
+        ("conv1x1", {"bn": "yes"}, "'bn' must be true or false"),
+        ("conv1x1", {"resize": "nearest"}, "'resize' must be one of auto, pool, bilinear"),
+        ("linear", {"bias": 1}, "'bias' must be true or false"),
+        ("conv_reg", {"relu": None}, "'relu' must be true or false"),
+        ("mlp", {"hidden": 0}, "'hidden' must be an integer >= 1"),
+        ("mlp", {"hidden": 2.5}, "'hidden' must be an integer >= 1"),
+        ("resize", {"mode": "area"}, "'mode' must be one of"),
+        ("conv1x1", {"kernel": 3}, "no parameter 'kernel'.*bn, resize"),
+        ("identity", {"scale": 2}, "no parameter 'scale'.*none"),
+    ],
+)
+def test_adapter_parameter_errors(name, params, match):
+    shapes = {"linear": ((2, 16), (2, 8)), "mlp": ((2, 16), (2, 8))}.get(name, ((2, 8, 4, 4), (2, 16, 4, 4)))
+    with pytest.raises(AdapterError, match=match) as info:
+        check_adapter_params(name, params)  # before any shape is known
+    assert info.value.param == next(iter(params))
+    with pytest.raises(AdapterError, match=match) as info:
+        build_adapter(name, torch.Size(shapes[0]), torch.Size(shapes[1]), **params)
+    assert isinstance(info.value, BadInputError)  # bad input: the CLI exits 2
+
+
+def test_adapter_valid_parameters_pass_the_check():
+    for name, params in [("conv1x1", {"bn": False, "resize": "pool"}), ("mlp", {"hidden": None}), ("linear", {})]:
+        check_adapter_params(name, params)

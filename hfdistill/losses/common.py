@@ -1,24 +1,113 @@
-"""Small helpers shared by the loss families: parameter checks, channel counts, position pooling."""
+"""Small helpers shared by the loss families: parameter checks, safe KL, channel counts, position pooling.
+
+Parameter checks raise :class:`hfdistill.errors.LossParamError` (``param`` names the parameter, the
+message says what it must be and what it got); the recipe validator turns that into a recipe error at
+``terms[i].params.<param>``, before anything trains.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 
-
-def check_positive(loss: str, name: str, value: float) -> None:
-    """A hyper-parameter that must be a finite number > 0 (temperatures, scales)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{loss}: {name} must be a finite number > 0, got {value!r}")
+from ..errors import DistillationError, LossParamError
 
 
-def check_non_negative(loss: str, **values: float) -> None:
-    """Hyper-parameters that must be >= 0 (loss weights inside a method)."""
-    for name, value in values.items():
-        if not value >= 0:
-            raise ValueError(f"{loss}: {name} must be >= 0, got {value}")
+def _got(value: Any) -> str:
+    """``value`` as a message shows it: its repr, plus its type when that is what is wrong."""
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+        return f"{value!r} (a {type(value).__name__})"
+    return repr(value)
+
+
+def _domain(minimum: float | None, maximum: float | None, exclusive: bool) -> str:
+    lo, hi = ("(", ")") if exclusive else ("[", "]")
+    if minimum is not None and maximum is not None:
+        return f"in {lo}{minimum:g}, {maximum:g}{hi}"
+    if minimum is not None:
+        return f"{'>' if exclusive else '>='} {minimum:g}"
+    if maximum is not None:
+        return f"{'<' if exclusive else '<='} {maximum:g}"
+    return ""
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive: bool = False,
+    integer: bool = False,
+    allow_none: bool = False,
+) -> Any:
+    """A finite number (an ``int`` when ``integer``) within ``[minimum, maximum]``; returns it (floats as float).
+
+    ``exclusive=True`` makes the given bounds strict (``> minimum``, ``< maximum``). Booleans, strings,
+    NaN and infinities are rejected; ``None`` only with ``allow_none``.
+    """
+    if value is None and allow_none:
+        return None
+    kind = "an integer" if integer else "a finite number"
+    domain = _domain(minimum, maximum, exclusive)
+    want = f"must be {kind}{' ' + domain if domain else ''}{' or null' if allow_none else ''}"
+    is_number = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not is_number or not math.isfinite(value):
+        raise LossParamError(name, f"{want}, got {_got(value)}")
+    too_low = minimum is not None and (value <= minimum if exclusive else value < minimum)
+    too_high = maximum is not None and (value >= maximum if exclusive else value > maximum)
+    if too_low or too_high:
+        raise LossParamError(name, f"{want}, got {value!r}")
+    return value if integer else float(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """One of a few fixed strings (``mode: soft``)."""
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        got = repr(value) if isinstance(value, str) else _got(value)
+        raise LossParamError(name, f"must be one of {', '.join(repr(c) for c in choices)}, got {got}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """A true/false switch (YAML ``true``/``false``, not a string or a number)."""
+    if not isinstance(value, bool):
+        raise LossParamError(name, f"must be true or false, got {_got(value)}")
+    return value
+
+
+def kl_from_log_probs(log_p_t: torch.Tensor, log_p_s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``KL(p_t || p_s) = sum_k p_t (log p_t - log p_s)`` along ``dim``, from log-probabilities.
+
+    Entries where the teacher's probability is 0 (a masked class, logit ``-inf``) contribute 0, the
+    limit of ``p log p``; both logs are replaced by 0 there *before* the product, so neither the value
+    nor the gradients see ``0 * inf`` (a ``torch.where`` after the product would still give NaN
+    gradients). Where the teacher has mass and the student has none the KL is ``+inf``, as it is.
+    """
+    p_t = log_p_t.exp()
+    keep = p_t > 0
+    zero = log_p_t.new_zeros(())
+    return (p_t * (torch.where(keep, log_p_t, zero) - torch.where(keep, log_p_s, zero))).sum(dim)
+
+
+def require_batch_for_bn(loss: str, training: bool, x: torch.Tensor | tuple[int, ...], what: str, fix: str) -> None:
+    """BatchNorm in training needs more than one value per channel: batch x positions of ``x`` ([B, C, ...]).
+
+    Raises :class:`DistillationError` naming the term's problem and ``fix`` (what the user can change)
+    instead of PyTorch's raw "Expected more than 1 value per channel" message.
+    """
+    if not training:
+        return
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
+    if shape[0] * math.prod(shape[2:]) < 2:
+        raise DistillationError(
+            f"{loss}: needs a batch of at least 2 examples in training: {what} is {shape}, and its "
+            f"BatchNorm layers use batch statistics (one value per channel is not enough); {fix}"
+        )
 
 
 def channels(shape: torch.Size) -> int:
@@ -47,6 +136,9 @@ def pool_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 def pool_to_smaller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Average-pool whichever of two same-rank features has more positions down to the smaller size (per axis)."""
     if a.dim() != b.dim():
-        raise ValueError(f"student {tuple(a.shape)} and teacher {tuple(b.shape)} have different ranks")
+        raise DistillationError(
+            f"student {tuple(a.shape)} and teacher {tuple(b.shape)} have different ranks; tap layers of the same "
+            "kind (both [B, C, H, W] maps or both [B, T, D] sequences) or add an adapter"
+        )
     size = tuple(min(p, q) for p, q in zip(positions(a), positions(b)))
     return pool_to(a, size), pool_to(b, size)

@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import channels, check_positive, pool_to_smaller
+from ..errors import DistillationError, LossParamError
+from .common import channels, check_choice, check_number, kl_from_log_probs, pool_to_smaller, require_batch_for_bn
 from .registry import as_list, register_loss
 
 # --------------------------------------------------------------------------------------------
 # Shape helpers shared by the feature methods.
 #   CNN features     [B, C, H, W]  (channels C, positions H*W)
 #   transformer hid. [B, T, D]     (channels D, positions T)
+# Every loss casts its inputs to float32 first (teacher features may be bf16/fp16).
 # --------------------------------------------------------------------------------------------
 
 
@@ -23,10 +25,10 @@ def _single(x, loss: str) -> torch.Tensor:
     """A single-layer method accepts a tensor or a list holding exactly one tensor."""
     if isinstance(x, (list, tuple)):
         if len(x) != 1:
-            raise ValueError(f"{loss}: reads one layer, got a list of {len(x)} tensors")
+            raise DistillationError(f"{loss}: reads one layer, got a list of {len(x)} tensors; give the term one tap per side")
         x = x[0]
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{loss}: expected a tensor, got {type(x).__name__}")
+        raise DistillationError(f"{loss}: expected a tensor, got {type(x).__name__}")
     return x
 
 
@@ -34,15 +36,24 @@ def _is_shape_list(shape) -> bool:
     return isinstance(shape, (list, tuple)) and len(shape) > 0 and isinstance(shape[0], (list, tuple))
 
 
-def _single_shape(shape, loss: str) -> torch.Size:
+def _no_shape(loss: str, who: str) -> DistillationError:
+    why = "; give the recipe a teacher model" if who == "teacher" else ""
+    return DistillationError(f"{loss}: needs a {who} feature, but the term has no {who} tap{why}")
+
+
+def _single_shape(shape, loss: str, who: str = "student") -> torch.Size:
+    if shape is None:
+        raise _no_shape(loss, who)
     if _is_shape_list(shape):
         if len(shape) != 1:
-            raise ValueError(f"{loss}: reads one layer, configure got {len(shape)} shapes")
+            raise DistillationError(f"{loss}: reads one layer, the term gives {len(shape)} {who} taps; give it one")
         shape = shape[0]
     return torch.Size(shape)
 
 
-def _shape_list(shapes, loss: str) -> list[torch.Size]:
+def _shape_list(shapes, loss: str, who: str = "student") -> list[torch.Size]:
+    if shapes is None:
+        raise _no_shape(loss, who)
     if not _is_shape_list(shapes):
         shapes = [shapes]
     return [torch.Size(s) for s in shapes]
@@ -50,17 +61,18 @@ def _shape_list(shapes, loss: str) -> list[torch.Size]:
 
 def _check_same_shape(s: torch.Tensor, t: torch.Tensor, loss: str) -> None:
     if s.shape != t.shape:
-        raise ValueError(
+        raise DistillationError(
             f"{loss}: student {tuple(s.shape)} and teacher {tuple(t.shape)} must have the same shape "
             "(set an adapter on the term to map the student feature to the teacher's shape)"
         )
 
 
-def _require_dims(x: torch.Tensor, dims: tuple[int, ...], loss: str, who: str) -> None:
-    if x.dim() not in dims:
+def _require_dims(x: torch.Tensor | torch.Size, dims: tuple[int, ...], loss: str, who: str) -> None:
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
+    if len(shape) not in dims:
         layouts = {2: "[B, D]", 3: "[B, T, D]", 4: "[B, C, H, W]"}
         want = " or ".join(layouts[d] for d in dims)
-        raise ValueError(f"{loss}: {who} feature must be {want}, got shape {tuple(x.shape)}")
+        raise DistillationError(f"{loss}: {who} feature must be {want}, got shape {shape}; tap a layer of that kind")
 
 
 def _to_bcn(x: torch.Tensor) -> torch.Tensor:
@@ -73,19 +85,17 @@ def _to_bcn(x: torch.Tensor) -> torch.Tensor:
 def _require_configured(module: nn.Module, attr: str, loss: str) -> None:
     if getattr(module, attr, None) is None:
         raise RuntimeError(
-            f"{loss}: configure(student_shape, teacher_shape) must be called first; it builds the method's "
-            "trainable modules from the feature shapes (the trainer does this after its dry-run forward)"
+            f"{loss}: configure(ctx) must be called first; it builds the method's trainable modules from the "
+            "tapped shapes (the trainer does this after its dry-run forward; in Python pass "
+            "hfdistill.terms.LossContext(student_shape=..., teacher_shape=...))"
         )
 
 
-def _check_batch_for_bn(x: torch.Tensor, module: nn.Module, loss: str) -> None:
-    if module.training and x.shape[0] < 2:
-        raise ValueError(
-            f"{loss}: needs a batch of at least 2 examples in training (its BatchNorm layers use batch statistics)"
-        )
+_BN_FIX = "use a per-device batch of at least 2 (per_device_train_batch_size), or drop the last incomplete batch"
+
 
 def _through_own_module(module: nn.Module, attr: str, loss: str, student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, C, H, W] student map through the method's own module (FT's translator, OFD's connector), and the teacher map.
+    """[B, C, H, W] student map through the method's own module (OFD's connector), and the teacher map.
 
     The larger map is pooled to the smaller size first; both come back in float32 with equal shapes.
     """
@@ -94,12 +104,14 @@ def _through_own_module(module: nn.Module, attr: str, loss: str, student, teache
     _require_dims(s, (4,), loss, "student")
     _require_dims(t, (4,), loss, "teacher")
     s, t = pool_to_smaller(s.float(), t.float())
+    require_batch_for_bn(loss, module.training, s, "the student map", _BN_FIX)
     mapped = getattr(module, attr)(s).float()
     if mapped.shape != t.shape:
-        raise ValueError(f"{loss}: the student through its {attr} is {tuple(mapped.shape)} but the teacher is "
-                         f"{tuple(t.shape)}; configure was called with other shapes")
+        raise DistillationError(
+            f"{loss}: the student through its {attr} is {tuple(mapped.shape)} but the teacher is {tuple(t.shape)}; "
+            "configure was called with other shapes"
+        )
     return mapped, t
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,14 +170,13 @@ class CosineLoss(nn.Module):
 
     def __init__(self, eps: float = 1e-8):
         super().__init__()
-        check_positive("cosine", "eps", eps)
-        self.eps = eps
+        self.eps = check_number("eps", eps, minimum=0, exclusive=True)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         s, t = _single(student, "cosine").float(), _single(teacher, "cosine").float()
         _check_same_shape(s, t, "cosine")
         if s.dim() < 2:
-            raise ValueError(f"cosine: features need a batch and a feature dimension, got shape {tuple(s.shape)}")
+            raise DistillationError(f"cosine: features need a batch and a feature dimension, got shape {tuple(s.shape)}")
         dim = 1 if s.dim() == 4 else -1
         return (1.0 - F.cosine_similarity(s, t, dim=dim, eps=self.eps)).mean()
 
@@ -211,21 +222,22 @@ class ATLoss(nn.Module):
 
     def __init__(self, p: float = 2.0, beta: float = 1000.0):
         super().__init__()
-        check_positive("at", "p", p)
-        check_positive("at", "beta", beta)
-        self.p = p
-        self.beta = beta
+        self.p = check_number("p", p, minimum=0, exclusive=True)
+        self.beta = check_number("beta", beta, minimum=0, exclusive=True)
 
     def forward(self, student, teacher) -> torch.Tensor:
         s_list, t_list = as_list(student), as_list(teacher)
         if len(s_list) != len(t_list) or not s_list:
-            raise ValueError(f"at: needs as many student as teacher layers (>= 1), got {len(s_list)} and {len(t_list)}")
+            raise DistillationError(
+                f"at: needs as many student as teacher layers (>= 1), got {len(s_list)} and {len(t_list)}; "
+                "list the same number of student and teacher taps"
+            )
         total = s_list[0].new_zeros((), dtype=torch.float32)
         for s, t in zip(s_list, t_list):
             _require_dims(s, (3, 4), "at", "student")
             _require_dims(t, (3, 4), "at", "teacher")
             if s.shape[0] != t.shape[0]:
-                raise ValueError(f"at: batch sizes differ: {s.shape[0]} vs {t.shape[0]}")
+                raise DistillationError(f"at: batch sizes differ: {s.shape[0]} vs {t.shape[0]}")
             s, t = pool_to_smaller(s.float(), t.float())
             total = total + (_spatial_attention(s, self.p) - _spatial_attention(t, self.p)).pow(2).mean()
         return self.beta / 2 * total
@@ -260,12 +272,8 @@ class NSTLoss(nn.Module):
 
     def __init__(self, d: int = 2, c: float = 0.0):
         super().__init__()
-        if not isinstance(d, int) or isinstance(d, bool) or d < 1:
-            raise ValueError(f"nst: d (polynomial kernel degree) must be an integer >= 1, got {d!r}")
-        if not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c) or c < 0:
-            raise ValueError(f"nst: c (polynomial kernel constant) must be a finite number >= 0, got {c!r}")
-        self.d = d
-        self.c = float(c)
+        self.d = check_number("d", d, minimum=1, integer=True)  # polynomial kernel degree
+        self.c = check_number("c", c, minimum=0)  # polynomial kernel constant
 
     def _kernel_mean(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (torch.bmm(a, b.transpose(1, 2)) + self.c).pow(self.d).mean((1, 2))  # [B]
@@ -290,9 +298,34 @@ def _conv_bn_lrelu(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1)]
 
 
+def _deconv_bn_lrelu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.ConvTranspose2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1)]
+
+
+class FTParaphraser(nn.Module):
+    """FT's paraphraser: a convolutional autoencoder on the teacher's map, sizes kept (3x3, stride 1, padding 1).
+
+    encoder: C -> C -> k -> k (conv + BN + LeakyReLU(0.1)); its output is the teacher factor [B, k, H, W].
+    decoder: k -> k -> C -> C (transposed conv + BN + LeakyReLU(0.1)); it reconstructs the map.
+    """
+
+    def __init__(self, c: int, k: int):
+        super().__init__()
+        self.encoder = nn.Sequential(*_conv_bn_lrelu(c, c), *_conv_bn_lrelu(c, k), *_conv_bn_lrelu(k, k))
+        self.decoder = nn.Sequential(*_deconv_bn_lrelu(k, k), *_deconv_bn_lrelu(k, c), *_deconv_bn_lrelu(c, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+FT_PHASES = ("paraphraser", "transfer")
+FT_TEACHER_FACTORS = ("paraphraser", "raw")
+
+
 @register_loss(
     "ft",
-    description="Factor Transfer: a trainable translator maps the student feature to a factor matched to the teacher's (L_p of L2-normalised factors)",
+    description="Factor Transfer: a paraphraser (autoencoder) extracts the teacher's factor in a first stage; a translator "
+    "maps the student feature to a factor matched to it (L1 of L2-normalised factors)",
     paper="Paraphrasing Complex Network: Network Compression via Factor Transfer (Kim, Park, Kwak), NeurIPS 2018, arXiv:1802.04977",
     year=2018,
     reads="features",
@@ -300,38 +333,163 @@ def _conv_bn_lrelu(c_in: int, c_out: int) -> list[nn.Module]:
     trainable=True,
 )
 class FTLoss(nn.Module):
-    """``mean_b mean_i |F_s/||F_s||_2 - F_t/||F_t||_2|_i^p`` with ``F_s = translator(student)``.
+    """Factor Transfer, the paper's two stages as one loss with a ``phase`` parameter.
 
-    Factors are flattened per example. The translator is the paper's (supplementary): three
-    3x3 conv + BN + LeakyReLU(0.1) layers, C_s -> C_s -> k -> k, with ``k`` the teacher tensor's
-    channels, built in ``configure``. The teacher tensor is the teacher's factor: the output of a
-    paraphraser trained beforehand, or for now the raw teacher feature (factor size = teacher
-    channels). Spatial sizes must match, else the larger input is average-pooled to the smaller.
+    The paper (Sec. 3): a *paraphraser* ``P`` -- a convolutional autoencoder on the teacher's feature
+    map ``x`` ([B, C, H, W], the last group of the teacher in the paper) -- is trained first, alone
+    and without labels, on the reconstruction loss ``L_rec = ||x - P(x)||^2``. Its encoder output,
+    with ``k * C`` channels (``k`` the *paraphrase rate*; 0.5 in the authors' code), is the teacher
+    factor ``F_T``. Then, with the paraphraser frozen, a *translator* (three 3x3 conv layers,
+    C_s -> C_s -> k*C -> k*C) maps the student's feature to the student factor ``F_S``, and the student
+    and translator are trained on ``L_cls + beta * L_FT`` with
 
-    Paper vs reference: the paper writes ``||.||_p`` with ``p = 1`` and beta = 500; the authors'
-    code (Jangho-Kim/Factor-Transfer-pytorch) uses ``nn.L1Loss()`` -- the mean over batch and factor
-    elements -- with beta = 500. We follow the code: the mean of ``|.|^p`` over elements (``p = 1``
-    is exactly the authors' loss, ``p = 2`` the mean squared error of the normalised factors), so
-    beta = 500 is the term weight.
+        ``L_FT = || F_T / ||F_T||_2 - F_S / ||F_S||_2 ||_p``,  p = 1,
+
+    factors flattened per example. In a recipe: two stages, the same term ``name`` and the same
+    ``rate`` in both (the engine carries the module's state from the first stage to the second)::
+
+        stages:
+          - name: paraphraser
+            terms: [{name: ft, loss: ft, weight: 1, student: layer4, teacher: layer4, params: {phase: paraphraser}}]
+            task_weight: 0
+            train: [losses.ft.paraphraser]
+          - name: transfer
+            terms: [{name: ft, loss: ft, weight: 500, student: layer4, teacher: layer4}]
+
+    - ``phase: paraphraser``: ``forward`` returns ``mean((P(t) - t)^2)`` (the student value is not
+      used); only the paraphraser is trainable (the translator has ``requires_grad`` False). Every
+      training-mode forward sets the persistent buffer ``paraphraser_trained``.
+    - ``phase: transfer`` (default): the paraphraser is frozen (``requires_grad`` False, kept in eval
+      mode whatever ``train()`` is called with, its encoder run without gradients); ``forward``
+      returns ``mean_{b,i} |u_S - u_T|_i^p`` with ``u = F / ||F||_2`` (flattened per example); the
+      translator is trainable. ``on_train_begin`` raises a DistillationError when the paraphraser
+      was not trained in an earlier stage (the buffer is unset).
+    - ``teacher_factor: raw``: the earlier variant of this package, without a paraphraser: the
+      teacher factor is the raw teacher feature (k = C) and the translator maps C_s -> C. One stage;
+      ``phase`` must stay ``transfer``. It is kept because it is FT's translator-and-normalised-L1
+      matching without the extra stage (this package's one-stage FT recipes used it), but it is not
+      the paper's method.
+
+    ``configure(ctx)`` builds the paraphraser (with ``teacher_factor: paraphraser``) and the translator
+    in both phases, so the state dict is the same in both and carries over. Factor channels are
+    ``max(1, round(k * C))``. When student and teacher maps differ in size, the larger *factor* is
+    average-pooled to the smaller one. Defaults: ``rate`` (k) 0.5 and ``p`` 1, the paper's and the
+    authors' code's; beta (500 in the authors' code) is the term weight.
+
+    Where the references differ, and what we follow:
+
+    - Layers. torchdistill's ``Paraphraser4FactorTransfer`` (documented as the paraphraser of the
+      paper's supplementary material; ``uses_bn=True`` by default) and Knowledge-Distillation-Zoo put
+      BatchNorm and LeakyReLU(0.1) after every conv of the paraphraser (three convs, three transposed
+      convs) and of the translator; the authors' released code (Jangho-Kim/Factor-Transfer-pytorch) has
+      the BN lines commented out (LeakyReLU only). We follow the former (with BN); the frozen
+      paraphraser's BN then uses the running statistics of the paraphraser stage.
+    - Reconstruction loss. The paper's squared L2 norm; we take its mean over elements (the paper's
+      sum divided by B*C*H*W, a constant factor), as Knowledge-Distillation-Zoo's ``nn.MSELoss``; the
+      authors' paraphraser script uses ``nn.L1Loss``.
+    - Transfer reduction. The paper's ``||.||_1`` sums over factor elements; the authors' code uses
+      ``nn.L1Loss()`` (the mean over batch and elements) with beta = 500, as torchdistill's
+      ``FTLoss(reduction='mean')``. We follow the code, so beta = 500 keeps its meaning: the mean of
+      ``|.|^p`` over elements (``p = 2`` gives the mean squared error of the normalised factors).
+    - Factor channels: ``round(k * C)`` as the authors' code; Knowledge-Distillation-Zoo floors.
+    - Normalisation: ``F.normalize`` (``x / max(||x||, 1e-12)``) as the authors' code;
+      Knowledge-Distillation-Zoo divides by ``||x|| + 1e-5``.
     """
 
-    def __init__(self, p: float = 1.0):
+    def __init__(self, phase: str = "transfer", rate: float = 0.5, p: float = 1.0, teacher_factor: str = "paraphraser"):
         super().__init__()
-        check_positive("ft", "p", p)
-        self.p = p
+        self.phase = check_choice("phase", phase, FT_PHASES)
+        self.rate = check_number("rate", rate, minimum=0, exclusive=True)  # the paper's paraphrase rate k
+        self.p = check_number("p", p, minimum=0, exclusive=True)
+        self.teacher_factor = check_choice("teacher_factor", teacher_factor, FT_TEACHER_FACTORS)
+        if self.teacher_factor == "raw" and self.phase == "paraphraser":
+            raise LossParamError(
+                "phase",
+                "must be 'transfer' with teacher_factor: raw (the raw teacher feature needs no paraphraser to train), "
+                "got 'paraphraser'; drop teacher_factor: raw to train the paper's paraphraser",
+            )
+        self.paraphraser: FTParaphraser | None = None
         self.translator: nn.Module | None = None
+        # Set by a training-mode forward of the paraphraser phase; carried to the transfer stage in the state dict.
+        self.register_buffer("paraphraser_trained", torch.zeros((), dtype=torch.bool))
 
-    def configure(self, student_shape, teacher_shape) -> None:
-        s_shape, t_shape = _single_shape(student_shape, "ft"), _single_shape(teacher_shape, "ft")
-        if len(s_shape) != 4 or len(t_shape) != 4:
-            raise ValueError(f"ft: needs [B, C, H, W] features, got student {tuple(s_shape)}, teacher {tuple(t_shape)}")
+    def configure(self, ctx) -> None:
+        s_shape = _single_shape(ctx.student_shape, "ft", "student")
+        t_shape = _single_shape(ctx.teacher_shape, "ft", "teacher")
+        _require_dims(s_shape, (4,), "ft", "student")
+        _require_dims(t_shape, (4,), "ft", "teacher")
         cs, ct = s_shape[1], t_shape[1]
-        self.translator = nn.Sequential(*_conv_bn_lrelu(cs, cs), *_conv_bn_lrelu(cs, ct), *_conv_bn_lrelu(ct, ct))
+        if self.teacher_factor == "raw":
+            k = ct
+        else:
+            k = max(1, round(ct * self.rate))
+            self.paraphraser = FTParaphraser(ct, k)
+        self.translator = nn.Sequential(*_conv_bn_lrelu(cs, cs), *_conv_bn_lrelu(cs, k), *_conv_bn_lrelu(k, k))
+        self._channels = (cs, ct)
+        self._apply_phase()
+
+    def _apply_phase(self) -> None:
+        """What trains in this phase: the paraphraser alone, or the translator with the paraphraser frozen."""
+        if self.translator is None:
+            return
+        paraphrasing = self.phase == "paraphraser"
+        self.translator.requires_grad_(not paraphrasing)
+        if self.paraphraser is not None:
+            self.paraphraser.requires_grad_(paraphrasing)
+            if not paraphrasing:
+                self.paraphraser.eval()
+
+    def train(self, mode: bool = True) -> "FTLoss":
+        super().train(mode)
+        if self.phase == "transfer" and self.paraphraser is not None:
+            self.paraphraser.eval()  # frozen: its BatchNorm keeps the statistics of the paraphraser stage
+        return self
+
+    def on_train_begin(self, ctx) -> None:
+        self._apply_phase()
+        if self.phase == "transfer" and self.teacher_factor == "paraphraser" and not bool(self.paraphraser_trained):
+            term = getattr(ctx, "term", "ft")
+            raise DistillationError(
+                f"term {term!r}: FT's transfer phase needs a paraphraser trained in an earlier stage: add a stage with "
+                "the same term name and params {phase: paraphraser} before this one (task_weight: 0, train: "
+                f"[losses.{term}.paraphraser]); or set params {{teacher_factor: raw}} to match the raw teacher feature "
+                "instead (not the paper's method)"
+            )
+
+    @staticmethod
+    def _check_channels(who: str, x: torch.Tensor, expected: int) -> None:
+        if x.shape[1] != expected:
+            raise DistillationError(
+                f"ft: the {who} map has {x.shape[1]} channels, {tuple(x.shape)}, but the loss was configured for "
+                f"{expected}; configure was called with other shapes"
+            )
+
+    def teacher_factor_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The teacher factor F_T: the frozen paraphraser's encoder output [B, k, H, W], or the raw map."""
+        if self.paraphraser is None:
+            return t
+        with torch.no_grad():
+            return self.paraphraser.encoder(t).float()
 
     def forward(self, student, teacher) -> torch.Tensor:
-        factor_s, t = _through_own_module(self, "translator", "ft", student, teacher)
-        u_s = F.normalize(factor_s.flatten(1), dim=1)
-        u_t = F.normalize(t.flatten(1), dim=1)
+        _require_configured(self, "translator", "ft")
+        t = _single(teacher, "ft").float()
+        _require_dims(t, (4,), "ft", "teacher")
+        self._check_channels("teacher", t, self._channels[1])
+        if self.phase == "paraphraser":
+            require_batch_for_bn("ft", self.training, t, "the teacher map", _BN_FIX)
+            if self.training:
+                self.paraphraser_trained.fill_(True)
+            return F.mse_loss(self.paraphraser(t).float(), t)  # L_rec, mean over elements
+        s = _single(student, "ft").float()
+        _require_dims(s, (4,), "ft", "student")
+        self._check_channels("student", s, self._channels[0])
+        require_batch_for_bn("ft", self.training, s, "the student map", _BN_FIX)
+        factor_s = self.translator(s).float()  # [B, k, Hs, Ws]
+        factor_t = self.teacher_factor_of(t)  # [B, k, Ht, Wt]
+        factor_s, factor_t = pool_to_smaller(factor_s, factor_t)
+        u_s = F.normalize(factor_s.flatten(1), dim=1)  # [B, k*H*W]
+        u_t = F.normalize(factor_t.flatten(1), dim=1)
         return (u_s - u_t).abs().pow(self.p).mean()
 
 
@@ -391,24 +549,28 @@ class OFDLoss(nn.Module):
 
     def __init__(self, margin: float | Sequence[float] | None = None):
         super().__init__()
-        if margin is not None:
-            values = list(margin) if isinstance(margin, (list, tuple)) else [margin]
-            for v in values:
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v > 0:
-                    raise ValueError(f"ofd: margin must be a number <= 0 or a list of them, got {margin!r}")
-            if not values:
-                raise ValueError("ofd: margin list is empty")
+        if isinstance(margin, (list, tuple)):
+            if not margin:
+                raise LossParamError("margin", "must be a number <= 0 or a list of them (one per teacher channel), got []")
+            margin = [check_number("margin", v, maximum=0) for v in margin]
+        elif margin is not None:
+            margin = check_number("margin", margin, maximum=0)
         self.margin = margin
         self.connector: nn.Module | None = None
         self._pending_bn_margin: torch.Tensor | None = None
 
-    def configure(self, student_shape, teacher_shape) -> None:
-        s_shape, t_shape = _single_shape(student_shape, "ofd"), _single_shape(teacher_shape, "ofd")
-        if len(s_shape) != 4 or len(t_shape) != 4:
-            raise ValueError(f"ofd: needs [B, C, H, W] features, got student {tuple(s_shape)}, teacher {tuple(t_shape)}")
+    def configure(self, ctx) -> None:
+        s_shape = _single_shape(ctx.student_shape, "ofd", "student")
+        t_shape = _single_shape(ctx.teacher_shape, "ofd", "teacher")
+        _require_dims(s_shape, (4,), "ofd", "student")
+        _require_dims(t_shape, (4,), "ofd", "teacher")
         cs, ct = s_shape[1], t_shape[1]
         if isinstance(self.margin, (list, tuple)) and len(self.margin) != ct:
-            raise ValueError(f"ofd: margin has {len(self.margin)} values but the teacher feature has {ct} channels")
+            raise LossParamError(
+                "margin",
+                f"has {len(self.margin)} values but the teacher feature has {ct} channels; give one number for "
+                "every channel or one per channel",
+            )
         conv = nn.Conv2d(cs, ct, kernel_size=1, bias=False)
         nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / ct))  # the authors' init: N(0, 2 / (k*k*out))
         bn = nn.BatchNorm2d(ct)
@@ -431,7 +593,10 @@ class OFDLoss(nn.Module):
 
     def _store_bn_margin(self, margin: torch.Tensor) -> None:
         if margin.numel() != self.bn_margin.numel():
-            raise ValueError(f"ofd: teacher BN has {margin.numel()} channels, the teacher feature {self.bn_margin.numel()}")
+            raise DistillationError(
+                f"ofd: the teacher BN has {margin.numel()} channels but the teacher feature {self.bn_margin.numel()}; "
+                "pass the BN that produces the tapped feature"
+            )
         self.bn_margin.copy_(margin.to(self.bn_margin.device))
         self.has_bn_margin.fill_(True)
 
@@ -514,16 +679,14 @@ class AFDLoss(nn.Module):
 
     def __init__(self, qk_dim: int = 128):
         super().__init__()
-        if not isinstance(qk_dim, int) or isinstance(qk_dim, bool) or qk_dim < 1:
-            raise ValueError(f"afd: qk_dim must be an integer >= 1, got {qk_dim!r}")
-        self.qk_dim = qk_dim
+        self.qk_dim = check_number("qk_dim", qk_dim, minimum=1, integer=True)
         self.query: nn.ModuleList | None = None
 
-    def configure(self, student_shape, teacher_shape) -> None:
-        s_shapes, t_shapes = _shape_list(student_shape, "afd"), _shape_list(teacher_shape, "afd")
+    def configure(self, ctx) -> None:
+        s_shapes = _shape_list(ctx.student_shape, "afd", "student")
+        t_shapes = _shape_list(ctx.teacher_shape, "afd", "teacher")
         for shape in (*s_shapes, *t_shapes):
-            if len(shape) != 4:
-                raise ValueError(f"afd: needs [B, C, H, W] features, got {tuple(shape)}")
+            _require_dims(shape, (4,), "afd", "every")
         n_s, n_t, d = len(s_shapes), len(t_shapes), self.qk_dim
         self.query = nn.ModuleList([_LinearBN(shape[1], d, relu=False) for shape in t_shapes])
         self.key = nn.ModuleList([_LinearBN(shape[1], d, relu=True) for shape in s_shapes])
@@ -547,11 +710,12 @@ class AFDLoss(nn.Module):
         s_list = [x.float() for x in as_list(student)]
         t_list = [x.float() for x in as_list(teacher)]
         if len(s_list) != len(self.key) or len(t_list) != len(self.query):
-            raise ValueError(f"afd: configured for {len(self.key)} student and {len(self.query)} teacher layers, "
+            raise DistillationError(f"afd: configured for {len(self.key)} student and {len(self.query)} teacher layers, "
                              f"got {len(s_list)} and {len(t_list)}")
         for x in (*s_list, *t_list):
             _require_dims(x, (4,), "afd", "every")
-        _check_batch_for_bn(s_list[0], self, "afd")
+        b, c = s_list[0].shape[:2]
+        require_batch_for_bn("afd", self.training, (b, c), "the pooled student feature", _BN_FIX)  # BatchNorm1d, [B, d]
         alpha = self.attention(s_list, t_list)
         s_maps = [s.pow(2).mean(1, keepdim=True) for s in s_list]  # [B, 1, H, W]
         loss = s_list[0].new_zeros(())
@@ -646,21 +810,20 @@ class ReviewKDLoss(nn.Module):
 
     def __init__(self, mid_channel: int | None = None, warmup_epochs: float = 0.0):
         super().__init__()
-        if mid_channel is not None and (not isinstance(mid_channel, int) or isinstance(mid_channel, bool) or mid_channel < 1):
-            raise ValueError(f"kr: mid_channel must be an integer >= 1 or None, got {mid_channel!r}")
-        if not isinstance(warmup_epochs, (int, float)) or isinstance(warmup_epochs, bool) or not math.isfinite(warmup_epochs) or warmup_epochs < 0:
-            raise ValueError(f"kr: warmup_epochs must be a finite number >= 0, got {warmup_epochs!r}")
-        self.mid_channel = mid_channel
-        self.warmup_epochs = float(warmup_epochs)
+        self.mid_channel = check_number("mid_channel", mid_channel, minimum=1, integer=True, allow_none=True)
+        self.warmup_epochs = check_number("warmup_epochs", warmup_epochs, minimum=0)
         self.abfs: nn.ModuleList | None = None
 
-    def configure(self, student_shape, teacher_shape) -> None:
-        s_shapes, t_shapes = _shape_list(student_shape, "kr"), _shape_list(teacher_shape, "kr")
+    def configure(self, ctx) -> None:
+        s_shapes = _shape_list(ctx.student_shape, "kr", "student")
+        t_shapes = _shape_list(ctx.teacher_shape, "kr", "teacher")
         if len(s_shapes) != len(t_shapes):
-            raise ValueError(f"kr: needs as many student as teacher stages, got {len(s_shapes)} and {len(t_shapes)}")
+            raise DistillationError(
+                f"kr: needs as many student as teacher stages, got {len(s_shapes)} and {len(t_shapes)}; "
+                "list the same number of student and teacher taps"
+            )
         for shape in (*s_shapes, *t_shapes):
-            if len(shape) not in (2, 4):
-                raise ValueError(f"kr: needs [B, C, H, W] or [B, C] features, got {tuple(shape)}")
+            _require_dims(shape, (2, 4), "kr", "every")
         mid = self.mid_channel or min(512, s_shapes[-1][1])
         n = len(s_shapes)
         self.abfs = nn.ModuleList(
@@ -673,7 +836,9 @@ class ReviewKDLoss(nn.Module):
         t_list = [_as_map(x, "kr").float() for x in as_list(teacher)]
         n = len(self.abfs)
         if len(s_list) != n or len(t_list) != n:
-            raise ValueError(f"kr: configured for {n} stages, got {len(s_list)} student and {len(t_list)} teacher")
+            raise DistillationError(f"kr: configured for {n} stages, got {len(s_list)} student and {len(t_list)} teacher")
+        if self.training:
+            self._check_batch(s_list, t_list)
         outs: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
         residual = None
         for i in reversed(range(n)):  # deep -> shallow
@@ -682,6 +847,21 @@ class ReviewKDLoss(nn.Module):
         if self.warmup_epochs > 0 and epoch is not None:
             loss = loss * min(1.0, float(epoch) / self.warmup_epochs)
         return loss
+
+    @staticmethod
+    def _check_batch(s_list: list[torch.Tensor], t_list: list[torch.Tensor]) -> None:
+        """Each ABF's BatchNorms see the student stage's positions and the teacher stage's: a batch of one
+        on a 1x1 (pooled) stage leaves one value per channel."""
+        for i, (s, t) in enumerate(zip(s_list, t_list)):
+            smallest = s if s.shape[2] * s.shape[3] <= t.shape[2] * t.shape[3] else t
+            require_batch_for_bn(
+                "kr",
+                True,
+                smallest,
+                f"stage {i} (student {tuple(s.shape)}, teacher {tuple(t.shape)}, as maps) has 1x1 positions",
+                "use a per-device batch of at least 2 (per_device_train_batch_size) or drop the last incomplete "
+                "batch, or leave the pooled / 1x1 stage out of the term's taps",
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -729,12 +909,12 @@ class SRDLoss(nn.Module):
 
     def __init__(self, exponent: float = 4.0):
         super().__init__()
-        check_positive("srd", "exponent", exponent)
-        self.exponent = exponent
+        self.exponent = check_number("exponent", exponent, minimum=0, exclusive=True)
         self.projector: nn.Module | None = None
 
-    def configure(self, student_shape, teacher_shape) -> None:
-        s_shape, t_shape = _single_shape(student_shape, "srd"), _single_shape(teacher_shape, "srd")
+    def configure(self, ctx) -> None:
+        s_shape = _single_shape(ctx.student_shape, "srd", "student")
+        t_shape = _single_shape(ctx.teacher_shape, "srd", "teacher")
         ds, dt = channels(s_shape), channels(t_shape)
         self.projector = nn.Linear(ds, dt)
         self.bn_s = nn.BatchNorm1d(dt, eps=self._BN_EPS, affine=False)
@@ -744,7 +924,7 @@ class SRDLoss(nn.Module):
         _require_configured(self, "projector", "srd")
         z_s = _pooled_vector(_single(student, "srd").float(), "srd", "student")
         z_t = _pooled_vector(_single(teacher, "srd").float(), "srd", "teacher")
-        _check_batch_for_bn(z_s, self, "srd")
+        require_batch_for_bn("srd", self.training, z_s, "the pooled student embedding", _BN_FIX)
         f_s = self.bn_s(self.projector(z_s).float())
         f_t = self.bn_t(z_t)
         power = (f_s - f_t).abs().pow(self.exponent).mean()
@@ -775,17 +955,19 @@ class ICKDLoss(nn.Module):
     positions, so spatial sizes may differ. ``[B, T, D]`` hidden states are read as D channels over
     T positions. This is the authors' code (ADLab-AutoDrive/ICKD, ``ICKDLoss.batch_loss``): row
     normalisation and the division by C and B are theirs. The grid-level variant for dense
-    prediction (correlations per spatial patch) is not implemented.
+    prediction (correlations per spatial patch) is not implemented. torchdistill calls this method
+    ``ChSimLoss``; there is no ``chsim`` name here (it once named CWD), use ``ickd``.
     """
 
     def __init__(self):
         super().__init__()
         self.embed: nn.Module | None = None
 
-    def configure(self, student_shape, teacher_shape) -> None:
-        s_shape, t_shape = _single_shape(student_shape, "ickd"), _single_shape(teacher_shape, "ickd")
-        if len(s_shape) not in (3, 4) or len(t_shape) not in (3, 4):
-            raise ValueError(f"ickd: needs [B, C, H, W] or [B, T, D] features, got {tuple(s_shape)}, {tuple(t_shape)}")
+    def configure(self, ctx) -> None:
+        s_shape = _single_shape(ctx.student_shape, "ickd", "student")
+        t_shape = _single_shape(ctx.teacher_shape, "ickd", "teacher")
+        _require_dims(s_shape, (3, 4), "ickd", "student")
+        _require_dims(t_shape, (3, 4), "ickd", "teacher")
         cs, ct = channels(s_shape), channels(t_shape)
         self.embed = nn.Sequential(nn.Conv2d(cs, ct, kernel_size=1, bias=False), nn.BatchNorm2d(ct))
 
@@ -799,11 +981,12 @@ class ICKDLoss(nn.Module):
         _require_dims(s, (3, 4), "ickd", "student")
         _require_dims(t, (3, 4), "ickd", "teacher")
         s_map = s.float() if s.dim() == 4 else s.float().transpose(1, 2).unsqueeze(-1)  # [B, D, T, 1]
+        require_batch_for_bn("ickd", self.training, s_map, "the student map", _BN_FIX)
         fs = self.embed(s_map).float().flatten(2)  # [B, C, Ns]
         ft = _to_bcn(t.float())  # [B, C, Nt]
         if fs.shape[1] != ft.shape[1]:
-            raise ValueError(f"ickd: embedded student has {fs.shape[1]} channels, teacher {ft.shape[1]}; "
-                             "configure was called with other shapes")
+            raise DistillationError(f"ickd: embedded student has {fs.shape[1]} channels, teacher {ft.shape[1]}; "
+                                    "configure was called with other shapes")
         diff = self.gram(fs) - self.gram(ft)
         return (diff.pow(2).sum((1, 2)) / ft.shape[1]).mean()
 
@@ -820,7 +1003,6 @@ class ICKDLoss(nn.Module):
     year=2021,
     reads="features",
     same_shape=True,
-    aliases=("chsim",),
 )
 class CWDLoss(nn.Module):
     """``T^2 * mean_{b,c} KL(softmax_i(t_{c,i}/T) || softmax_i(s_{c,i}/T))``.
@@ -830,12 +1012,13 @@ class CWDLoss(nn.Module):
     averaged over channels and batch, as in the paper (``T^2 / C`` normalisation) and mmrazor's
     ``ChannelWiseDivergence`` (``sum / (N * C) * tau^2``). Student and teacher must have the same
     shape (the paper uses a 1x1 conv adapter on the student when channels differ: the term's adapter).
+    Positions where the teacher's probability is 0 (a map value of -inf) contribute 0. Not torchdistill's
+    ``ChSimLoss``, which is ICKD (``ickd``).
     """
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()
-        check_positive("cwd", "temperature", temperature)
-        self.temperature = temperature
+        self.temperature = check_number("temperature", temperature, minimum=0, exclusive=True)
 
     def forward(self, student, teacher) -> torch.Tensor:
         s, t = _single(student, "cwd").float(), _single(teacher, "cwd").float()
@@ -843,5 +1026,5 @@ class CWDLoss(nn.Module):
         _require_dims(s, (3, 4), "cwd", "student")
         log_p_s = F.log_softmax(_to_bcn(s) / self.temperature, dim=2)
         log_p_t = F.log_softmax(_to_bcn(t) / self.temperature, dim=2)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(2)  # [B, C]
+        kl = kl_from_log_probs(log_p_t, log_p_s, dim=2)  # [B, C]
         return kl.mean() * self.temperature**2

@@ -8,19 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_non_negative, check_positive
+from ..errors import DistillationError
+from .common import check_choice, check_number, kl_from_log_probs
 from .registry import register_loss
+
+# Masked classes. A logit of -inf (a class masked out of a row, e.g. a vocabulary mask) is a
+# probability of exactly 0. Every loss here gives such a class the limit of its formula: 0 * log 0 = 0
+# in KLs (``kl_from_log_probs``), no part in means and standard deviations. With the same class masked
+# in student and teacher, the value is that of the logits without the class (kd, dkd, tf_kd,
+# logit_std_kd, logits_mse); DIST's correlations still count the class (probability 0 on both sides).
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(p_T || p_S) of the temperature-softened distributions, summed over classes, mean over rows.
 
-    Works for [B, C] and [B, T, C] logits (a row is every leading position).
+    Works for [B, C] and [B, T, C] logits (a row is every leading position); classes with teacher
+    logit -inf contribute 0.
     """
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # [rows]
-    return kl.mean()
+    return kl_from_log_probs(log_p_t, log_p_s).mean()  # mean over rows of sum over classes
 
 
 @register_loss(
@@ -39,9 +46,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"kd: temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        self.temperature = check_number("temperature", temperature, minimum=0, exclusive=True)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return soft_kl(student, teacher, self.temperature) * self.temperature**2
@@ -68,12 +73,12 @@ def _rows_with_labels(
     rows (for causal LMs pass labels already shifted to the position that predicts them).
     """
     if student.dim() < 2:
-        raise ValueError(f"{loss}: expected logits of shape [B, C] or [B, T, C], got {tuple(student.shape)}")
+        raise DistillationError(f"{loss}: expected logits of shape [B, C] or [B, T, C], got {tuple(student.shape)}")
     num_classes = student.shape[-1]
     if num_classes < 2:
-        raise ValueError(f"{loss}: needs at least 2 classes, got logits with {num_classes}")
+        raise DistillationError(f"{loss}: needs at least 2 classes, got logits with {num_classes}")
     if labels.shape != student.shape[:-1]:
-        raise ValueError(
+        raise DistillationError(
             f"{loss}: labels of shape {tuple(labels.shape)} do not match logits of shape {tuple(student.shape)}; "
             f"expected labels of shape {tuple(student.shape[:-1])}"
         )
@@ -85,13 +90,13 @@ def _rows_with_labels(
         s, y = s[keep], y[keep]
         t = t[keep] if t is not None else None
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{loss}: labels must lie in [0, {num_classes}) or be {IGNORE_INDEX}")
+        raise DistillationError(f"{loss}: labels must lie in [0, {num_classes}) or be {IGNORE_INDEX}")
     return s, t, y
 
 
 def _kl_rows(log_p_t: torch.Tensor, log_p_s: torch.Tensor) -> torch.Tensor:
-    """KL(p_t || p_s) per row from log-probabilities: sum_k p_t (log p_t - log p_s)."""
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    """KL(p_t || p_s) per row from log-probabilities: sum_k p_t (log p_t - log p_s); p_t = 0 adds 0."""
+    return kl_from_log_probs(log_p_t, log_p_s)
 
 
 def _zero_like_graph(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +118,7 @@ def _zero_like_graph(x: torch.Tensor) -> torch.Tensor:
     default_tap="logits",
 )
 class LogitsMSELoss(nn.Module):
-    """``mean_{rows, classes} (z_s - z_t)^2``.
+    """``mean_{rows, classes} (z_s - z_t)^2``; entries masked (-inf) in both student and teacher are left out.
 
     Ba & Caruana train the mimic network by L2 regression on the teacher's pre-softmax logits,
     written as ``1/(2N) sum_n ||z_s - z_t||^2`` (sum over classes, halved). We average over every
@@ -125,7 +130,10 @@ class LogitsMSELoss(nn.Module):
         super().__init__()
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(student.float(), teacher.float())
+        s, t = student.float(), teacher.float()
+        keep = (s != float("-inf")) | (t != float("-inf"))  # a class masked on both sides has no logit to match
+        diff = torch.where(keep, s - t, s.new_zeros(()))  # -inf - -inf (NaN) never reaches the square
+        return diff.pow(2).sum() / keep.sum().clamp_min(1)  # mean over the kept entries (no host sync)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,14 +180,10 @@ class DKDLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: float = 20.0):
         super().__init__()
-        check_non_negative("dkd", alpha=alpha)
-        check_non_negative("dkd", beta=beta)
-        check_positive("dkd", "temperature", temperature)
-        check_non_negative("dkd", warmup=warmup)
-        self.alpha = alpha
-        self.beta = beta
-        self.temperature = temperature
-        self.warmup = warmup
+        self.alpha = check_number("alpha", alpha, minimum=0)
+        self.beta = check_number("beta", beta, minimum=0)
+        self.temperature = check_number("temperature", temperature, minimum=0, exclusive=True)
+        self.warmup = check_number("warmup", warmup, minimum=0)
 
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, epoch: float
@@ -248,12 +252,9 @@ class DISTLoss(nn.Module):
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
         super().__init__()
-        check_non_negative("dist", beta=beta)
-        check_non_negative("dist", gamma=gamma)
-        check_positive("dist", "temperature", temperature)
-        self.beta = beta
-        self.gamma = gamma
-        self.temperature = temperature
+        self.beta = check_number("beta", beta, minimum=0)
+        self.gamma = check_number("gamma", gamma, minimum=0)
+        self.temperature = check_number("temperature", temperature, minimum=0, exclusive=True)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         y_s = F.softmax(_as_rows(student) / self.temperature, dim=-1)
@@ -269,10 +270,18 @@ class DISTLoss(nn.Module):
 
 
 def _zscore(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """(z - mean(z)) / std(z) per row, std with 1/K (population), as in the paper's Algorithm 1."""
-    mean = logits.mean(dim=-1, keepdim=True)
-    std = logits.std(dim=-1, keepdim=True, correction=0)
-    return (logits - mean) / (std + eps)
+    """(z - mean(z)) / std(z) per row, std with 1/K (population), as in the paper's Algorithm 1.
+
+    Masked classes (-inf) take no part in the mean and std (K counts the real classes) and stay -inf.
+    """
+    valid = logits != float("-inf")  # [rows, C]
+    z = torch.where(valid, logits, logits.new_zeros(()))  # no inf reaches the arithmetic (or its gradient)
+    count = valid.sum(-1, keepdim=True).clamp_min(1)
+    mean = z.sum(-1, keepdim=True) / count
+    centred = torch.where(valid, z - mean, z.new_zeros(()))
+    # sqrt of a floored variance: the same std, but a constant row (std 0) gets a finite gradient
+    std = (centred.pow(2).sum(-1, keepdim=True) / count).clamp_min(1e-30).sqrt()
+    return torch.where(valid, centred / (std + eps), logits)
 
 
 @register_loss(
@@ -301,8 +310,7 @@ class LogitStdKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 2.0):
         super().__init__()
-        check_positive("logit_std_kd", "temperature", temperature)
-        self.temperature = temperature
+        self.temperature = check_number("temperature", temperature, minimum=0, exclusive=True)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         z_s = _zscore(_as_rows(student))
@@ -366,32 +374,34 @@ class TfKDLoss(nn.Module):
 
     def __init__(self, mode: str = "self", temperature: float = 20.0, a: float = 0.99):
         super().__init__()
-        if mode not in TF_KD_MODES:
-            raise ValueError(f"tf_kd: mode must be one of {TF_KD_MODES}, got {mode!r}")
-        check_positive("tf_kd", "temperature", temperature)
-        if not 0.0 < a < 1.0:
-            raise ValueError(f"tf_kd: a (the virtual teacher's correct-class probability) must be in (0, 1), got {a}")
-        self.mode = mode
+        self.mode = check_choice("mode", mode, TF_KD_MODES)
         # The virtual teacher is built from the labels: such a term runs without any teacher model.
         self.needs_teacher = mode != "virtual"
-        self.temperature = temperature
-        self.a = a
+        self.temperature = check_number("temperature", temperature, minimum=0, exclusive=True)
+        # a: the virtual teacher's correct-class probability
+        self.a = check_number("a", a, minimum=0, maximum=1, exclusive=True)
 
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.mode == "self":
             if teacher is None:
-                raise ValueError("tf_kd: mode='self' needs the (pre-trained student) teacher's logits")
+                raise DistillationError(
+                    "tf_kd: mode 'self' needs the (pre-trained student) teacher's logits; give the recipe a teacher "
+                    "model or use mode: virtual"
+                )
             return soft_kl(student, teacher, self.temperature) * self.temperature**2
         if labels is None:
-            raise ValueError("tf_kd: mode='virtual' needs labels")
+            raise DistillationError("tf_kd: mode 'virtual' needs labels; the dataset must have a label column")
         s, _, y = _rows_with_labels("tf_kd", student, None, labels)
         if y.numel() == 0:
             return _zero_like_graph(student)
-        c = s.shape[-1]
-        log_p_d = torch.full_like(s, math.log((1.0 - self.a) / (c - 1)))
-        log_p_d.scatter_(1, y[:, None], math.log(self.a))  # Eq. 8, in log space
+        # Eq. 8 in log space, over the classes each row can predict (a class masked with -inf in the
+        # student logits gets no virtual-teacher mass): a on the label, (1 - a) / (C' - 1) elsewhere.
+        valid = s != float("-inf")  # [N, C]
+        others = (valid.sum(-1, keepdim=True) - 1).clamp_min(1).float()  # C' - 1
+        log_p_d = torch.where(valid, torch.log((1.0 - self.a) / others), s.new_tensor(float("-inf")))
+        log_p_d = log_p_d.scatter(1, y[:, None], math.log(self.a))
         log_p_t = F.log_softmax(log_p_d / self.temperature, dim=-1)
         log_p_s = F.log_softmax(s / self.temperature, dim=-1)
         return _kl_rows(log_p_t, log_p_s).mean() * self.temperature**2

@@ -3,14 +3,37 @@
 Every distillation method is an ``nn.Module`` registered here with its description and paper.
 A built loss module whose ``needs_teacher`` attribute is False (Tf-KD's virtual teacher) can
 run in a term without a teacher model.
+
 ``forward(student, teacher, **fields)`` takes what the term's taps selected (a tensor, or a list
 of tensors when the term reads several layers) plus the batch fields the method declared in
-``fields=`` (``labels``, ``index``, ``epoch``, ...), and returns a scalar tensor.
+``fields=`` (``labels``, ``index``, ``epoch``, ...), and returns a scalar tensor computed in fp32
+whatever the dtype of its inputs (cast with ``.float()`` first; the engine also runs terms outside
+autocast).
 
-A method with trainable state of its own (VID's regressors, CRD's embeddings) creates it in
-``configure(student_shapes, teacher_shapes)``, which the trainer calls once with the shapes seen
-in its dry-run forward, before the optimiser exists. That state is then optimised with the student
-and saved in Trainer checkpoints, never in the saved student.
+The constructor checks its parameters and raises :class:`hfdistill.errors.LossParamError`
+(``param`` names the parameter; helpers in ``losses/common.py``) for a value out of its domain or of
+the wrong type; :func:`build` raises it too for a parameter the loss does not have. The recipe
+validator builds every term's loss and reports such an error at ``terms[i].params.<param>``.
+
+Set-up and hooks. A method with state of its own (VID's regressors, CRD's memory bank, FT's
+paraphraser and translator) creates it in ``configure(self, ctx)``, which the trainer calls once,
+after its dry-run forward and before the optimiser exists. ``ctx`` is a
+:class:`hfdistill.terms.LossContext`: ``ctx.student_shape`` / ``ctx.teacher_shape`` are the tapped
+shapes (a ``torch.Size``, or a list of them for a term that reads several taps; the teacher's is
+None without a teacher model), plus the number of training examples, the world size, the models,
+the device and a way to iterate over training batches (``ctx.term_values()``). That state is
+optimised with the student when trainable, saved in Trainer checkpoints (and carried from stage to
+stage for a term with the same name), never in the saved student.
+
+A loss module may also implement any of these hooks, each given the same kind of context with the
+current ``epoch`` / ``step``; the trainer calls them through one generic callback that walks the
+loss modules:
+
+- ``on_train_begin(ctx)``: once when a stage's training starts (after the module's state from an
+  earlier stage is loaded); check preconditions there (FT's transfer phase needs a trained
+  paraphraser) and raise :class:`hfdistill.errors.DistillationError` with the fix;
+- ``on_epoch_begin(ctx)``: at the start of every epoch (e.g. MGD's matching from a pass over data);
+- ``on_step_end(ctx)``: after every optimiser step (e.g. momentum updates of a memory bank).
 """
 
 from __future__ import annotations
@@ -21,6 +44,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from ..errors import LossParamError
 
 # Fields the trainer can supply to a loss besides what is in the batch.
 TRAINER_FIELDS = ("epoch", "step")
@@ -125,8 +150,11 @@ def build(name: str, **params) -> nn.Module:
     info = get_info(name)
     unknown = sorted(set(params) - set(info.params))
     if unknown:
-        raise TypeError(
-            f"loss {name!r} has no parameter(s) {unknown}; its parameters are {list(info.params) or 'none'}"
+        allowed = ", ".join(info.params) or "none"
+        raise LossParamError(
+            unknown[0],
+            f"loss {name!r} has no parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"its parameters are: {allowed}",
         )
     return info.cls(**params)
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import channels, check_non_negative, pool_to_smaller
+from ..errors import DistillationError, LossParamError
+from .common import channels, check_number, pool_to_smaller
 from .registry import as_list, register_loss
 
 # ----------------------------------------------------------------------------------------------
@@ -23,7 +24,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def _check_batch(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
     if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
+        raise DistillationError(
             f"{name}: student and teacher batch sizes differ ({student.shape[0]} vs {teacher.shape[0]}); "
             "relation losses compare the same examples in both networks"
         )
@@ -33,12 +34,12 @@ def _check_pairs(name: str, student, teacher) -> tuple[list[torch.Tensor], list[
     """Accept a tensor or a list of tensors for both sides; they must list the same number of layers."""
     s_list, t_list = as_list(student), as_list(teacher)
     if len(s_list) != len(t_list):
-        raise ValueError(
+        raise DistillationError(
             f"{name}: got {len(s_list)} student tensor(s) but {len(t_list)} teacher tensor(s); "
             "list the same number of student and teacher taps (layer i of the student is compared with layer i of the teacher)"
         )
     if not s_list:
-        raise ValueError(f"{name}: no tensors given")
+        raise DistillationError(f"{name}: no tensors given; list at least one student and one teacher tap")
     for s, t in zip(s_list, t_list):
         _check_batch(name, s, t)
     return s_list, t_list
@@ -89,9 +90,7 @@ class PKTLoss(nn.Module):
 
     def __init__(self, eps: float = 1e-7):
         super().__init__()
-        if eps <= 0:
-            raise ValueError(f"pkt: eps must be > 0, got {eps}")
-        self.eps = eps
+        self.eps = check_number("eps", eps, minimum=0, exclusive=True)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         _check_batch("pkt", student, teacher)
@@ -151,15 +150,16 @@ class RKDLoss(nn.Module):
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()
-        check_non_negative("rkd", distance_weight=distance_weight, angle_weight=angle_weight)
-        self.distance_weight = distance_weight
-        self.angle_weight = angle_weight
+        self.distance_weight = check_number("distance_weight", distance_weight, minimum=0)
+        self.angle_weight = check_number("angle_weight", angle_weight, minimum=0)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         _check_batch("rkd", student, teacher)
         if student.shape[0] < 2:
-            raise ValueError(
-                f"rkd: needs a batch of at least 2 examples (it compares distances between examples), got {student.shape[0]}"
+            raise DistillationError(
+                f"rkd: needs a batch of at least 2 examples (it compares distances between examples), got "
+                f"{student.shape[0]}; use a per-device batch of at least 2 (per_device_train_batch_size), or drop "
+                "the last incomplete batch"
             )
         s, t = _flat(student), _flat(teacher)
         loss = s.new_zeros(())
@@ -251,23 +251,22 @@ class VIDLoss(nn.Module):
 
     def __init__(self, init_pred_var: float = 5.0, eps: float = 1e-5, mid_channels: int | None = None):
         super().__init__()
-        if eps <= 0:
-            raise ValueError(f"vid: eps must be > 0, got {eps}")
-        if init_pred_var <= eps:
-            raise ValueError(f"vid: init_pred_var must be > eps ({eps}), got {init_pred_var}")
-        if mid_channels is not None and (not isinstance(mid_channels, int) or mid_channels <= 0):
-            raise ValueError(f"vid: mid_channels must be a positive int or None, got {mid_channels!r}")
-        self.init_pred_var = init_pred_var
-        self.eps = eps
-        self.mid_channels = mid_channels
+        self.eps = check_number("eps", eps, minimum=0, exclusive=True)
+        # the initial variance; softplus(alpha) = init_pred_var - eps must be > 0
+        self.init_pred_var = check_number("init_pred_var", init_pred_var, minimum=0, exclusive=True)
+        if self.init_pred_var <= self.eps:
+            raise LossParamError("init_pred_var", f"must be > eps ({self.eps:g}), got {init_pred_var!r}")
+        self.mid_channels = check_number("mid_channels", mid_channels, minimum=1, integer=True, allow_none=True)
         self.regressor: nn.Module | None = None
         self.alpha: nn.Parameter | None = None
         self._config: tuple[int, int, int] | None = None
 
-    def configure(self, student_shape, teacher_shape) -> None:
-        s, t = torch.Size(student_shape), torch.Size(teacher_shape)
+    def configure(self, ctx) -> None:
+        if ctx.teacher_shape is None:
+            raise DistillationError("vid: needs a teacher feature; the term has no teacher tap (a teacher model is required)")
+        s, t = torch.Size(ctx.student_shape), torch.Size(ctx.teacher_shape)
         if len(s) != len(t) or len(s) not in (2, 3, 4):
-            raise ValueError(
+            raise DistillationError(
                 f"vid: student {tuple(s)} and teacher {tuple(t)} features must both be [B, D], [B, T, D] or "
                 "[B, C, H, W]; tap layers of the same kind or add an adapter"
             )
@@ -287,17 +286,17 @@ class VIDLoss(nn.Module):
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if self.regressor is None:
             raise RuntimeError(
-                "vid: configure(student_shape, teacher_shape) must be called first to build the regressor "
-                "(the trainer does this after its dry-run forward)"
+                "vid: configure(ctx) must be called first to build the regressor (the trainer does this after its "
+                "dry-run forward; in Python pass hfdistill.terms.LossContext(student_shape=..., teacher_shape=...))"
             )
         _check_batch("vid", student, teacher)
         rank, c_s, c_t = self._config
         if student.dim() != rank or teacher.dim() != rank:
-            raise ValueError(
+            raise DistillationError(
                 f"vid: configured for rank-{rank} features, got student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
             )
         if channels(student.shape) != c_s or channels(teacher.shape) != c_t:
-            raise ValueError(
+            raise DistillationError(
                 f"vid: configured for {c_s} student and {c_t} teacher channels, got student {tuple(student.shape)} "
                 f"and teacher {tuple(teacher.shape)}"
             )
@@ -357,23 +356,19 @@ class CCLoss(nn.Module):
 
     def __init__(self, gamma: float = 0.4, p_order: int = 2, embed_dim: int | None = 128):
         super().__init__()
-        if gamma <= 0:
-            raise ValueError(f"cc: gamma must be > 0, got {gamma}")
-        if not isinstance(p_order, int) or p_order < 0:
-            raise ValueError(f"cc: p_order must be an int >= 0, got {p_order!r}")
-        if embed_dim is not None and (not isinstance(embed_dim, int) or embed_dim <= 0):
-            raise ValueError(f"cc: embed_dim must be a positive int or None, got {embed_dim!r}")
-        self.gamma = gamma
-        self.p_order = p_order
-        self.embed_dim = embed_dim
+        self.gamma = check_number("gamma", gamma, minimum=0, exclusive=True)
+        self.p_order = check_number("p_order", p_order, minimum=0, integer=True)
+        self.embed_dim = check_number("embed_dim", embed_dim, minimum=1, integer=True, allow_none=True)
         self.student_embed: nn.Linear | None = None
         self.teacher_embed: nn.Linear | None = None
 
-    def configure(self, student_shape, teacher_shape) -> None:
+    def configure(self, ctx) -> None:
         if self.embed_dim is None:
             return
-        d_s = math.prod(torch.Size(student_shape)[1:])
-        d_t = math.prod(torch.Size(teacher_shape)[1:])
+        if ctx.teacher_shape is None:
+            raise DistillationError("cc: needs a teacher feature; the term has no teacher tap (a teacher model is required)")
+        d_s = math.prod(torch.Size(ctx.student_shape)[1:])
+        d_t = math.prod(torch.Size(ctx.teacher_shape)[1:])
         self.student_embed = nn.Linear(d_s, self.embed_dim)
         self.teacher_embed = nn.Linear(d_t, self.embed_dim)
 
@@ -381,14 +376,14 @@ class CCLoss(nn.Module):
         v = _flat(x)
         if head is not None:
             if v.shape[1] != head.in_features:
-                raise ValueError(f"cc: embedding head expects {head.in_features} features per example, got {tuple(x.shape)}")
+                raise DistillationError(f"cc: embedding head expects {head.in_features} features per example, got {tuple(x.shape)}")
             v = head(v.to(head.weight.dtype)).float()
         return F.normalize(v, p=2, dim=1)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if self.embed_dim is not None and self.student_embed is None:
             raise RuntimeError(
-                "cc: configure(student_shape, teacher_shape) must be called first to build the embedding heads "
+                "cc: configure(ctx) must be called first to build the embedding heads "
                 "(or pass embed_dim=None to correlate the features directly)"
             )
         _check_batch("cc", student, teacher)
@@ -467,24 +462,24 @@ class IRGLoss(nn.Module):
         transform_pairs: list[list[int]] | None = None,
     ):
         super().__init__()
-        check_non_negative("irg", vertex_weight=vertex_weight, edge_weight=edge_weight, transform_weight=transform_weight)
+        self.vertex_weight = check_number("vertex_weight", vertex_weight, minimum=0)
+        self.edge_weight = check_number("edge_weight", edge_weight, minimum=0)
+        self.transform_weight = check_number("transform_weight", transform_weight, minimum=0)
         if transform_pairs is not None:
+            want = "must be a list of [a, b] pairs of distinct tap indices >= 0"
+            if not isinstance(transform_pairs, (list, tuple)):
+                raise LossParamError("transform_pairs", f"{want}, got {transform_pairs!r}")
             pairs = []
             for pair in transform_pairs:
                 if (
                     not isinstance(pair, (list, tuple))
                     or len(pair) != 2
-                    or not all(isinstance(i, int) and i >= 0 for i in pair)
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pair)
                     or pair[0] == pair[1]
                 ):
-                    raise ValueError(
-                        f"irg: transform_pairs must be a list of [a, b] pairs of distinct tap indices >= 0, got {transform_pairs!r}"
-                    )
+                    raise LossParamError("transform_pairs", f"{want}, got {transform_pairs!r}")
                 pairs.append((pair[0], pair[1]))
             transform_pairs = pairs
-        self.vertex_weight = vertex_weight
-        self.edge_weight = edge_weight
-        self.transform_weight = transform_weight
         self.transform_pairs = transform_pairs
 
     def forward(self, student, teacher) -> torch.Tensor:
@@ -496,7 +491,7 @@ class IRGLoss(nn.Module):
         if self.vertex_weight:
             vs, vt = s_vec[-1], t_vec[-1]
             if vs.shape != vt.shape:
-                raise ValueError(
+                raise DistillationError(
                     f"irg: the vertex loss compares the last tap directly, but student {tuple(s_list[-1].shape)} and "
                     f"teacher {tuple(t_list[-1].shape)} differ; make the last tap the logits (or equal-sized features), "
                     "add an adapter, or set vertex_weight: 0"
@@ -513,10 +508,10 @@ class IRGLoss(nn.Module):
             terms = []
             for a, b in pairs:
                 if a >= n or b >= n:
-                    raise ValueError(f"irg: transform pair ({a}, {b}) refers to a tap index >= the number of taps ({n})")
+                    raise DistillationError(f"irg: transform pair ({a}, {b}) refers to a tap index >= the number of taps ({n})")
                 for side, vecs in (("student", s_vec), ("teacher", t_vec)):
                     if vecs[a].shape != vecs[b].shape:
-                        raise ValueError(
+                        raise DistillationError(
                             f"irg: the transformation between taps {a} and {b} needs equal instance dims within each "
                             f"network, but the {side}'s are {vecs[a].shape[1]} and {vecs[b].shape[1]}; pick pairs of "
                             "same-width layers with transform_pairs: [[a, b], ...] or set transform_weight: 0"
@@ -540,7 +535,7 @@ def _fsp_matrix(a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
     is average-pooled to the smaller positional size first.
     """
     if a.dim() != b.dim() or a.dim() not in (3, 4):
-        raise ValueError(
+        raise DistillationError(
             f"{name}: both layers of a pair must be [B, C, H, W] maps or [B, T, D] sequences, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
     a, b = pool_to_smaller(a.float(), b.float())
@@ -586,12 +581,12 @@ class FSPLoss(nn.Module):
         s_list, t_list = as_list(student), as_list(teacher)
         for side, taps in (("student", s_list), ("teacher", t_list)):
             if len(taps) < 2 or len(taps) % 2:
-                raise ValueError(
+                raise DistillationError(
                     f"fsp: the {side} taps must be a list of 2k layers forming k pairs [a_1, b_1, a_2, b_2, ...], "
                     f"got {len(taps)} tensor(s)"
                 )
         if len(s_list) != len(t_list):
-            raise ValueError(f"fsp: {len(s_list) // 2} student pair(s) but {len(t_list) // 2} teacher pair(s); give the same number")
+            raise DistillationError(f"fsp: {len(s_list) // 2} student pair(s) but {len(t_list) // 2} teacher pair(s); give the same number")
         loss = s_list[0].new_zeros((), dtype=torch.float32)
         for k in range(0, len(s_list), 2):
             sa, sb, ta, tb = s_list[k], s_list[k + 1], t_list[k], t_list[k + 1]
@@ -601,7 +596,7 @@ class FSPLoss(nn.Module):
             s_ch = (channels(sa.shape), channels(sb.shape))
             t_ch = (channels(ta.shape), channels(tb.shape))
             if s_ch != t_ch:
-                raise ValueError(
+                raise DistillationError(
                     f"fsp: pair {k // 2} has student channels {s_ch} but teacher channels {t_ch}; FSP matrices must be "
                     "the same size, so add an adapter to the student taps (or choose layers with matching channels)"
                 )

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DistillationError, LossParamError
+from .common import check_choice, check_number
 from .logits import soft_kl
 from .registry import as_list, register_loss
 
@@ -20,21 +22,16 @@ _EPS = 1e-12  # floor for log(probability) when only probabilities are available
 
 
 def check_layer_map(loss_name: str, layer_map) -> str | tuple[int, ...]:
-    """Validate a ``layer_map`` parameter: "uniform", "last", or a non-empty list of ints."""
-    if isinstance(layer_map, str):
-        if layer_map not in LAYER_MAPS:
-            raise ValueError(
-                f"{loss_name}: layer_map must be 'uniform', 'last' or a list of teacher layer indices, "
-                f"got {layer_map!r}"
-            )
+    """Validate a ``layer_map`` parameter: "uniform", "last", or a non-empty list of ints (LossParamError)."""
+    if isinstance(layer_map, str) and layer_map in LAYER_MAPS:
         return layer_map
     if isinstance(layer_map, (list, tuple)) and layer_map and all(
         isinstance(i, int) and not isinstance(i, bool) for i in layer_map
     ):
         return tuple(layer_map)
-    raise ValueError(
-        f"{loss_name}: layer_map must be 'uniform', 'last' or a non-empty list of int teacher indices, "
-        f"got {layer_map!r}"
+    raise LossParamError(
+        "layer_map",
+        f"must be 'uniform', 'last' or a non-empty list of integer teacher layer indices, got {layer_map!r}",
     )
 
 
@@ -60,7 +57,7 @@ def map_layers(
       from the end, as in Python).
     """
     if n_student < 1 or n_teacher < 1:
-        raise ValueError(f"{loss_name}: got {n_student} student and {n_teacher} teacher tensors; need at least one each")
+        raise DistillationError(f"{loss_name}: got {n_student} student and {n_teacher} teacher tensors; need at least one each")
     if layer_map == "last":
         return [(n_student - 1, n_teacher - 1)]
     if layer_map == "uniform":
@@ -69,7 +66,7 @@ def map_layers(
         if m_layers == 0 and n_layers == 0:  # only embedding outputs
             return [(0, 0)]
         if m_layers < 1 or n_layers < m_layers:
-            raise ValueError(
+            raise DistillationError(
                 f"{loss_name}: layer_map='uniform' needs at least as many teacher layers as student layers "
                 f"(got {n_student} student and {n_teacher} teacher tensors"
                 f"{', each list starting with the embedding output' if with_embeddings else ''}); "
@@ -80,14 +77,14 @@ def map_layers(
         return [(i, (i + 1) * n_layers // m_layers - 1) for i in range(n_student)]
     # explicit list of teacher indices, one per student tap
     if len(layer_map) != n_student:
-        raise ValueError(
+        raise DistillationError(
             f"{loss_name}: layer_map lists {len(layer_map)} teacher indices but the student gave {n_student} tensors; "
             "give one teacher index per student tensor"
         )
     pairs = []
     for i, j in enumerate(layer_map):
         if not -n_teacher <= j < n_teacher:
-            raise ValueError(f"{loss_name}: layer_map[{i}]={j} is out of range for {n_teacher} teacher tensors")
+            raise DistillationError(f"{loss_name}: layer_map[{i}]={j} is out of range for {n_teacher} teacher tensors")
         pairs.append((i, j % n_teacher))
     return pairs
 
@@ -97,7 +94,7 @@ def token_mask(attention_mask: torch.Tensor | None, batch: int, length: int, los
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2 or attention_mask.shape != (batch, length):
-        raise ValueError(
+        raise DistillationError(
             f"{loss_name}: attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {length}) "
             "to match the tapped tensors"
         )
@@ -130,7 +127,7 @@ def row_kl(p_teacher: torch.Tensor, log_p_student: torch.Tensor, key_mask: torch
 
 def _check_same_tokens(s: torch.Tensor, t: torch.Tensor, loss_name: str, what: str) -> None:
     if s.shape[0] != t.shape[0] or (s.dim() >= 3 and s.shape[-2] != t.shape[-2]):
-        raise ValueError(
+        raise DistillationError(
             f"{loss_name}: student {what} {tuple(s.shape)} and teacher {what} {tuple(t.shape)} must share the batch "
             "and sequence dimensions (same inputs and tokenizer)"
         )
@@ -181,7 +178,14 @@ class HiddenMSE(nn.Module):
         self.proj: nn.Linear | None = None
         self._configured = False
 
-    def configure(self, student_shape, teacher_shape) -> None:
+    def configure(self, ctx) -> None:
+        self._configure_shapes(ctx.student_shape, ctx.teacher_shape)
+
+    def _configure_shapes(self, student_shape, teacher_shape) -> None:
+        if teacher_shape is None:
+            raise DistillationError(
+                f"{self.loss_name}: needs teacher hidden states; the term has no teacher tap (a teacher model is required)"
+            )
         d_s = self._hidden_dim(student_shape, "student")
         d_t = self._hidden_dim(teacher_shape, "teacher")
         if d_s == d_t:
@@ -196,7 +200,7 @@ class HiddenMSE(nn.Module):
             shapes = [torch.Size(shapes)]
         dims = {int(s[-1]) for s in shapes}
         if len(dims) != 1:
-            raise ValueError(f"{self.loss_name}: the {who} tensors have different hidden sizes {sorted(dims)}")
+            raise DistillationError(f"{self.loss_name}: the {who} tensors have different hidden sizes {sorted(dims)}")
         return dims.pop()
 
     def pairs(self, students: list[torch.Tensor], teachers: list[torch.Tensor]) -> list[tuple[int, int]]:
@@ -207,13 +211,13 @@ class HiddenMSE(nn.Module):
         if s.shape[-1] != t.shape[-1]:
             if self.proj is None:
                 raise RuntimeError(
-                    f"{self.loss_name}: configure(student_shape, teacher_shape) must be called first: student hidden "
+                    f"{self.loss_name}: configure(ctx) must be called first: student hidden "
                     f"size {s.shape[-1]} differs from teacher {t.shape[-1]}, so the W_h projection has to be built"
                 )
             s = self.proj(s)
         if s.shape != t.shape:
             _check_same_tokens(s, t, self.loss_name, "hidden states")
-            raise ValueError(f"{self.loss_name}: student {tuple(s.shape)} vs teacher {tuple(t.shape)} after projection")
+            raise DistillationError(f"{self.loss_name}: student {tuple(s.shape)} vs teacher {tuple(t.shape)} after projection")
         sq = (s - t).pow(2)
         if s.dim() == 3:
             return masked_token_mean(sq.mean(-1), token_mask(mask, s.shape[0], s.shape[1], self.loss_name))
@@ -254,9 +258,13 @@ class EmbeddingMSE(HiddenMSE):
     def pairs(self, students, teachers):
         return [(0, 0)]
 
-    def configure(self, student_shape, teacher_shape) -> None:
-        first = lambda shapes: shapes if isinstance(shapes, torch.Size) or isinstance(shapes[0], int) else shapes[0]
-        super().configure(first(student_shape), first(teacher_shape))
+    def configure(self, ctx) -> None:
+        def first(shapes):
+            if shapes is None or isinstance(shapes, torch.Size) or isinstance(shapes[0], int):
+                return shapes
+            return shapes[0]
+
+        self._configure_shapes(first(ctx.student_shape), first(ctx.teacher_shape))
 
 
 def _attention_pairs(loss, student, teacher) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -266,19 +274,19 @@ def _attention_pairs(loss, student, teacher) -> list[tuple[torch.Tensor, torch.T
     for i, j in pairs:
         s, t = students[i], teachers[j]
         if s.dim() != 4 or t.dim() != 4:
-            raise ValueError(
+            raise DistillationError(
                 f"{loss.loss_name}: expected attention maps [B, heads, T, T], got student {tuple(s.shape)} "
                 f"and teacher {tuple(t.shape)}"
             )
         if s.shape[1] != t.shape[1]:
-            raise ValueError(
+            raise DistillationError(
                 f"{loss.loss_name}: student layer {i} has {s.shape[1]} attention heads and teacher layer {j} has "
                 f"{t.shape[1]}; this loss compares head by head, so the head counts must match "
                 "(use minilm_value_relation with num_relation_heads for models with different head counts)"
             )
         if s.shape != t.shape:
             _check_same_tokens(s, t, loss.loss_name, "attention maps")
-            raise ValueError(f"{loss.loss_name}: student {tuple(s.shape)} vs teacher {tuple(t.shape)} attention maps")
+            raise DistillationError(f"{loss.loss_name}: student {tuple(s.shape)} vs teacher {tuple(t.shape)} attention maps")
         out.append((s.float(), t.float()))
     return out
 
@@ -386,9 +394,8 @@ class AttentionMSE(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_heads(loss_name: str, name: str, value) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{loss_name}: {name} must be a positive int, got {value!r}")
+def _check_heads(loss_name: str, name: str, value) -> int | None:
+    return check_number(name, value, minimum=1, integer=True, allow_none=True)
 
 
 @register_loss(
@@ -436,15 +443,16 @@ class MiniLMValueRelation(nn.Module):
             _check_heads(self.loss_name, name, value)
         if num_relation_heads is None:
             if student_heads is None or teacher_heads is None:
-                raise ValueError(
-                    f"{self.loss_name}: give student_heads and teacher_heads (equal, as MiniLM requires), "
-                    "or num_relation_heads (MiniLMv2 relation heads)"
+                raise LossParamError(
+                    "student_heads" if student_heads is None else "teacher_heads",
+                    "is missing: give student_heads and teacher_heads (equal, as MiniLM requires), "
+                    "or num_relation_heads (MiniLMv2 relation heads)",
                 )
             if student_heads != teacher_heads:
-                raise ValueError(
-                    f"{self.loss_name}: MiniLM needs the same number of heads, got student_heads={student_heads} and "
-                    f"teacher_heads={teacher_heads}; set num_relation_heads to split both into that many relation "
-                    "heads (MiniLMv2)"
+                raise LossParamError(
+                    "teacher_heads",
+                    f"must equal student_heads ({student_heads}) for MiniLM, got {teacher_heads}; set "
+                    "num_relation_heads to split both into that many relation heads (MiniLMv2)",
                 )
         self.student_heads = student_heads
         self.teacher_heads = teacher_heads
@@ -453,10 +461,10 @@ class MiniLMValueRelation(nn.Module):
     def log_relation(self, v: torch.Tensor, heads: int, key_mask: torch.Tensor | None, who: str) -> torch.Tensor:
         """log softmax(V_a V_a^T / sqrt(d_a)) per head: [B, T, D] -> [B, heads, T, T]."""
         if v.dim() != 3:
-            raise ValueError(f"{self.loss_name}: expected the {who} value projection [B, T, D], got {tuple(v.shape)}")
+            raise DistillationError(f"{self.loss_name}: expected the {who} value projection [B, T, D], got {tuple(v.shape)}")
         b, t, d = v.shape
         if d % heads:
-            raise ValueError(f"{self.loss_name}: the {who} value size {d} is not divisible by {heads} heads")
+            raise DistillationError(f"{self.loss_name}: the {who} value size {d} is not divisible by {heads} heads")
         vh = v.float().reshape(b, t, heads, d // heads).transpose(1, 2)  # [B, heads, T, d_a]
         scores = vh @ vh.transpose(-1, -2) / math.sqrt(d // heads)
         if key_mask is not None:
@@ -519,16 +527,12 @@ class DeiTLoss(nn.Module):
 
     def __init__(self, mode: str = "hard", tau: float = 3.0):
         super().__init__()
-        if mode not in ("hard", "soft"):
-            raise ValueError(f"deit: mode must be 'hard' or 'soft', got {mode!r}")
-        if not tau > 0:
-            raise ValueError(f"deit: tau must be > 0, got {tau}")
-        self.mode = mode
-        self.tau = float(tau)
+        self.mode = check_choice("mode", mode, ("hard", "soft"))
+        self.tau = check_number("tau", tau, minimum=0, exclusive=True)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if student.shape != teacher.shape:
-            raise ValueError(
+            raise DistillationError(
                 f"deit: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} must have the same shape"
             )
         if self.mode == "hard":

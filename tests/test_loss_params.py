@@ -1,0 +1,224 @@
+"""Every registered loss: parameter checking (LossParamError naming the parameter), valid defaults, set-up through
+``configure(ctx)``, and fp32 results whatever the inputs' dtype. Parametrised over the registry, so a new loss is
+covered (and a new loss without entries here fails ``test_tables_cover_the_registry``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hfdistill import losses
+from hfdistill.errors import BadInputError, LossParamError
+from hfdistill.terms import LossContext
+
+METHODS = sorted(n for n in losses.available() if losses.get_info(n).alias_of is None)
+
+# Parameters a loss cannot build without (the rest have valid defaults).
+REQUIRED = {"minilm_value_relation": {"student_heads": 2, "teacher_heads": 2}}
+
+# Values out of each parameter's domain, beyond the generic ones (NaN, inf, a string, a bool) tried on every
+# parameter below.
+INVALID = {
+    "afd": [("qk_dim", 0), ("qk_dim", 2.5), ("qk_dim", -3)],
+    "at": [("p", 0), ("p", -2.0), ("beta", 0), ("beta", -1)],
+    "attention_kl": [("layer_map", "every"), ("layer_map", []), ("layer_map", [1.5])],
+    "attention_mse": [("layer_map", "first"), ("layer_map", 3)],
+    "cc": [("gamma", 0), ("gamma", -0.4), ("p_order", -1), ("p_order", 1.5), ("embed_dim", 0), ("embed_dim", 12.5)],
+    "cosine": [("eps", 0), ("eps", -1e-8)],
+    "cwd": [("temperature", 0), ("temperature", -4.0)],
+    "deit": [("mode", "medium"), ("tau", 0), ("tau", -1)],
+    "dist": [("beta", -1), ("gamma", -0.1), ("temperature", 0)],
+    "dkd": [("alpha", -1.0), ("beta", -8), ("temperature", 0), ("temperature", -4), ("warmup", -5)],
+    "embedding_mse": [],
+    "fsp": [],
+    "ft": [("phase", "stage1"), ("rate", 0), ("rate", -0.5), ("p", 0), ("teacher_factor", "feature")],
+    "hidden_mse": [("layer_map", "all"), ("layer_map", [True])],
+    "ickd": [],
+    "irg": [("vertex_weight", -0.1), ("edge_weight", -5), ("transform_weight", -1), ("transform_pairs", [[0, 0]]),
+            ("transform_pairs", [[0, -1]]), ("transform_pairs", [[0, 1, 2]]), ("transform_pairs", 3)],
+    "kd": [("temperature", 0), ("temperature", -1)],
+    "kr": [("mid_channel", 0), ("mid_channel", 8.0), ("warmup_epochs", -1)],
+    "logit_std_kd": [("temperature", 0)],
+    "logits_mse": [],
+    "minilm_value_relation": [("student_heads", 0), ("teacher_heads", 3), ("num_relation_heads", -1),
+                              ("num_relation_heads", 2.5)],
+    "mse": [],
+    "nst": [("d", 0), ("d", 1.5), ("c", -1.0)],
+    "ofd": [("margin", 0.5), ("margin", [-1.0, 0.2]), ("margin", []), ("margin", ["a"])],
+    "pkt": [("eps", 0), ("eps", -1e-7)],
+    "rkd": [("distance_weight", -25), ("angle_weight", -1)],
+    "sp": [],
+    "srd": [("exponent", 0), ("exponent", -4)],
+    "tf_kd": [("mode", "reg"), ("temperature", 0), ("a", 0.0), ("a", 1.0), ("a", 1.5)],
+    "vid": [("init_pred_var", 0), ("init_pred_var", 1e-6), ("eps", 0), ("eps", -1), ("mid_channels", 0),
+            ("mid_channels", 2.5)],
+}
+
+GENERIC_BAD = [float("nan"), float("inf"), float("-inf"), "abc", True]
+
+PARAM_CASES = [(n, p) for n in METHODS for p in losses.get_info(n).params]
+
+
+def test_tables_cover_the_registry():
+    assert set(INVALID) == set(METHODS), "add the new loss's invalid parameter values to INVALID"
+    assert set(EXAMPLES) == set(METHODS), "add an example input for the new loss to EXAMPLES"
+    for name, cases in INVALID.items():
+        assert {p for p, _ in cases} <= set(losses.get_info(name).params), name
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_defaults_build(name):
+    loss = losses.build(name, **REQUIRED.get(name, {}))
+    assert isinstance(loss, torch.nn.Module)
+
+
+@pytest.mark.parametrize("name, param, value", [(n, p, v) for n in METHODS for p, v in INVALID[n]],
+                         ids=lambda x: repr(x) if not isinstance(x, str) else x)
+def test_out_of_domain_values_raise_loss_param_error(name, param, value):
+    with pytest.raises(LossParamError) as info:
+        losses.build(name, **{**REQUIRED.get(name, {}), param: value})
+    assert info.value.param == param
+    assert "must" in info.value.message and "got" in info.value.message  # says what it must be and what it got
+    assert isinstance(info.value, BadInputError)  # the CLI exits 2
+
+
+@pytest.mark.parametrize("name, param", PARAM_CASES, ids=[f"{n}.{p}" for n, p in PARAM_CASES])
+@pytest.mark.parametrize("value", GENERIC_BAD, ids=repr)
+def test_every_parameter_rejects_nan_inf_strings_and_bools(name, param, value):
+    with pytest.raises(LossParamError) as info:
+        losses.build(name, **{**REQUIRED.get(name, {}), param: value})
+    assert info.value.param == param
+
+
+def test_messages_name_the_domain():
+    with pytest.raises(LossParamError, match=r"^parameter 'alpha': must be a finite number >= 0, got -1.0$"):
+        losses.build("dkd", alpha=-1.0)
+    with pytest.raises(LossParamError, match=r"'p': must be a finite number > 0, got 0$"):
+        losses.build("at", p=0)
+    with pytest.raises(LossParamError, match=r"'init_pred_var': must be a finite number > 0, got 0$"):
+        losses.build("vid", init_pred_var=0)
+    with pytest.raises(LossParamError, match=r"'alpha': must be a finite number >= 0, got 'abc' \(a str\)$"):
+        losses.build("dkd", alpha="abc")
+    with pytest.raises(LossParamError, match=r"'temperature': .*got nan$"):
+        losses.build("kd", temperature=float("nan"))
+    with pytest.raises(LossParamError, match=r"'a': must be a finite number in \(0, 1\), got 1.0$"):
+        losses.build("tf_kd", a=1.0)
+    with pytest.raises(LossParamError, match=r"'mode': must be one of 'hard', 'soft', got 'medium'$"):
+        losses.build("deit", mode="medium")
+    with pytest.raises(LossParamError, match=r"'d': must be an integer >= 1, got 1.5"):
+        losses.build("nst", d=1.5)
+
+
+@pytest.mark.parametrize("name", METHODS + ["fitnet", "reviewkd"])
+def test_unknown_parameter_is_a_loss_param_error(name):
+    with pytest.raises(LossParamError, match=f"loss {name!r} has no parameter 'tempreature'") as info:
+        losses.build(name, **REQUIRED.get(name, {}), tempreature=4.0)
+    assert info.value.param == "tempreature"
+    assert "its parameters are" in str(info.value)
+
+
+def test_integer_valued_floats_and_ints_are_accepted_where_numbers_are():
+    assert losses.build("kd", temperature=4).temperature == 4.0
+    assert isinstance(losses.build("kd", temperature=4).temperature, float)
+    assert losses.build("nst", d=3).d == 3
+    assert losses.build("ofd", margin=-1).margin == -1.0
+    assert losses.build("ofd", margin=[-1, -0.5]).margin == [-1.0, -0.5]
+
+
+# --------------------------------------------------------------------------------------------- forward in fp32
+
+
+def _maps(*shape: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(*shape)
+
+
+def _attention(b: int, h: int, t: int, seed: int) -> torch.Tensor:
+    return F.softmax(_maps(b, h, t, t, seed=seed) * 2, dim=-1)
+
+
+B = 4
+LABELS = torch.tensor([0, 1, 2, 3])
+# name -> (student, teacher, fields); shapes are what configure(ctx) sees (per tap, batch included).
+EXAMPLES = {
+    "kd": (_maps(B, 5, seed=0), _maps(B, 5, seed=1), {}),
+    "logits_mse": (_maps(B, 5, seed=0), _maps(B, 5, seed=1), {}),
+    "dkd": (_maps(B, 5, seed=0), _maps(B, 5, seed=1), {"labels": LABELS, "epoch": 30.0}),
+    "dist": (_maps(B, 5, seed=0), _maps(B, 5, seed=1), {}),
+    "logit_std_kd": (_maps(B, 5, seed=0), _maps(B, 5, seed=1), {}),
+    "tf_kd": (_maps(B, 5, seed=0), _maps(B, 5, seed=1), {"labels": LABELS}),
+    "deit": (_maps(B, 5, seed=0), _maps(B, 5, seed=1), {}),
+    "mse": (_maps(B, 4, 3, 3, seed=0), _maps(B, 4, 3, 3, seed=1), {}),
+    "cosine": (_maps(B, 4, 3, 3, seed=0), _maps(B, 4, 3, 3, seed=1), {}),
+    "cwd": (_maps(B, 4, 3, 3, seed=0), _maps(B, 4, 3, 3, seed=1), {}),
+    "at": ([_maps(B, 3, 4, 4, seed=0)], [_maps(B, 6, 4, 4, seed=1)], {}),
+    "nst": (_maps(B, 3, 4, 4, seed=0), _maps(B, 6, 4, 4, seed=1), {}),
+    "ft": (_maps(B, 3, 4, 4, seed=0), _maps(B, 6, 4, 4, seed=1), {}),
+    "ofd": (_maps(B, 3, 4, 4, seed=0), _maps(B, 6, 4, 4, seed=1), {}),
+    "ickd": (_maps(B, 3, 4, 4, seed=0), _maps(B, 6, 4, 4, seed=1), {}),
+    "srd": (_maps(B, 3, 4, 4, seed=0), _maps(B, 6, 4, 4, seed=1), {}),
+    "afd": ([_maps(B, 3, 4, 4, seed=0), _maps(B, 5, 2, 2, seed=2)], [_maps(B, 6, 4, 4, seed=1)], {}),
+    "kr": ([_maps(B, 3, 4, 4, seed=0), _maps(B, 5, 2, 2, seed=2)], [_maps(B, 4, 4, 4, seed=1), _maps(B, 6, 2, 2, seed=3)], {}),
+    "pkt": (_maps(B, 3, 4, 4, seed=0), _maps(B, 6, seed=1), {}),
+    "rkd": (_maps(B, 3, 4, 4, seed=0), _maps(B, 6, seed=1), {}),
+    "sp": (_maps(B, 3, 4, 4, seed=0), _maps(B, 6, 2, 2, seed=1), {}),
+    "vid": (_maps(B, 3, 4, 4, seed=0), _maps(B, 6, 4, 4, seed=1), {}),
+    "cc": (_maps(B, 3, 2, 2, seed=0), _maps(B, 6, seed=1), {}),
+    "irg": ([_maps(B, 5, 4, 4, seed=0), _maps(B, 5, seed=2)], [_maps(B, 5, 2, 2, seed=1), _maps(B, 5, seed=3)], {}),
+    "fsp": ([_maps(B, 3, 4, 4, seed=0), _maps(B, 5, 2, 2, seed=2)], [_maps(B, 3, 4, 4, seed=1), _maps(B, 5, 4, 4, seed=3)], {}),
+    "hidden_mse": ([_maps(B, 6, 8, seed=0)] * 2, [_maps(B, 6, 12, seed=1)] * 3, {"attention_mask": torch.ones(B, 6)}),
+    "embedding_mse": (_maps(B, 6, 8, seed=0), _maps(B, 6, 12, seed=1), {}),
+    "attention_kl": ([_attention(B, 2, 6, seed=0)], [_attention(B, 2, 6, seed=1)], {}),
+    "attention_mse": ([_attention(B, 2, 6, seed=0)], [_attention(B, 2, 6, seed=1)] * 2, {}),
+    "minilm_value_relation": (_maps(B, 6, 8, seed=0), _maps(B, 6, 12, seed=1), {}),
+}
+
+
+def _shapes(x):
+    return [v.shape for v in x] if isinstance(x, list) else x.shape
+
+
+def _built(name: str) -> torch.nn.Module:
+    student, teacher, _ = EXAMPLES[name]
+    loss = losses.build(name, **REQUIRED.get(name, {}))
+    if hasattr(loss, "configure"):
+        loss.configure(LossContext(term=name, student_shape=_shapes(student), teacher_shape=_shapes(teacher)))
+    return loss.eval()  # no state updates (OFD's margin estimate, BN statistics) between the two calls
+
+
+def _cast(x, dtype):
+    return [v.to(dtype) for v in x] if isinstance(x, list) else x.to(dtype)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_loss_computes_in_fp32(name, dtype):
+    """Half-precision inputs give an fp32 scalar equal to the loss of the same values given in fp32."""
+    student, teacher, fields = EXAMPLES[name]
+    loss = _built(name)
+    s_half, t_half = _cast(student, dtype), _cast(teacher, dtype)
+    value = loss(s_half, t_half, **fields)
+    reference = loss(_cast(s_half, torch.float32), _cast(t_half, torch.float32), **fields)
+    assert value.dtype == torch.float32 and value.dim() == 0
+    assert math.isfinite(value.item())
+    torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_sp_large_features_in_half_precision_stay_finite():
+    """The issue's case: post-ReLU features large enough that their Gram diagonal overflows fp16."""
+    s = (_maps(B, 64, 4, 4, seed=0).relu() * 60).half()
+    t = (_maps(B, 64, 4, 4, seed=1).relu() * 60).half()
+    assert torch.isinf((s.flatten(1) @ s.flatten(1).t())).any()  # fp16 arithmetic would overflow
+    assert math.isfinite(losses.build("sp")(s, t).item())
+
+
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if hasattr(losses.get_info(n).cls, "configure")))
+def test_configure_takes_a_loss_context(name):
+    student, teacher, _ = EXAMPLES[name]
+    loss = losses.build(name, **REQUIRED.get(name, {}))
+    loss.configure(LossContext(student_shape=_shapes(student), teacher_shape=_shapes(teacher)))
+    with pytest.raises(TypeError):
+        loss.configure(_shapes(student), _shapes(teacher))  # the old two-shape signature is gone
