@@ -45,14 +45,12 @@ from typing import Any, Sequence, Union
 import yaml
 
 from . import losses
-from .adapters import available_adapters, get_adapter_params
-from .errors import LossParamError, OverrideError, RecipeError  # noqa: F401 - RecipeError, OverrideError re-exported
+from .adapters import available_adapters, check_adapter_params
+from .errors import AdapterError, LossParamError, OverrideError, RecipeError  # noqa: F401 - RecipeError, OverrideError re-exported
 
 TAP_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.(-?[0-9]+|[A-Za-z_][A-Za-z0-9_]*))*(:(input|output))?$")
 MODULE_PATH_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.(-?[0-9]+|[A-Za-z_][A-Za-z0-9_]*))*$")
 STAGE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
-# Loss parameters that are temperatures must be > 0 whatever the method.
-TEMPERATURE_PARAMS = ("temperature", "tau", "T")
 TASKS = ("image-classification", "text-classification")
 # The name of the one stage of a recipe without `stages`.
 DEFAULT_STAGE_NAME = "distill"
@@ -480,15 +478,13 @@ def _validate_term(term: TermSpec, path: str) -> None:
     info = losses.get_info(term.loss)
     if term.weight < 0:
         raise RecipeError(f"{path}.weight", f"must be >= 0, got {term.weight}")
-    for key, value in term.params.items():
+    for key in term.params:
         if key not in info.params:
             raise RecipeError(
                 f"{path}.params.{key}",
                 f"loss {term.loss!r} has no parameter {key!r}{_suggest(key, info.params)}; "
                 f"its parameters: {', '.join(info.params) or 'none'}",
             )
-        if key in TEMPERATURE_PARAMS and (not isinstance(value, (int, float)) or value <= 0):
-            raise RecipeError(f"{path}.params.{key}", f"a temperature must be a number > 0, got {value!r}")
     _build_loss(term, path)
     for side in ("student", "teacher"):
         taps = getattr(term, side)
@@ -523,13 +519,11 @@ def _validate_term(term: TermSpec, path: str) -> None:
                 f"unknown adapter {term.adapter!r}{_suggest(term.adapter, available_adapters())}; "
                 f"allowed: {', '.join(available_adapters())}",
             )
-        allowed = get_adapter_params(term.adapter)
-        for key in term.adapter_params:
-            if key not in allowed:
-                raise RecipeError(
-                    f"{path}.adapter_params.{key}",
-                    f"adapter {term.adapter!r} has no parameter {key!r}; its parameters: {', '.join(allowed) or 'none'}",
-                )
+        try:  # names and values, without the shapes (those are checked when the trainer is built)
+            check_adapter_params(term.adapter, term.adapter_params)
+        except AdapterError as exc:
+            param = getattr(exc, "param", None)
+            raise RecipeError(f"{path}.adapter_params" + (f".{param}" if param else ""), str(exc)) from None
     elif term.adapter_params:
         raise RecipeError(f"{path}.adapter_params", "given without an `adapter`")
 
