@@ -1,4 +1,4 @@
-"""The quickstart's distillation step from Python, with the same building blocks the CLI uses.
+"""The quickstart's distillation step from Python, with the building blocks `hfdistill.run` uses (see run_recipe.py for the one-call form).
 
     python examples/python_api_digits.py
 
@@ -6,7 +6,7 @@ Offline: scikit-learn digits, a timm teacher and student built from their names.
 """
 
 from hfdistill import DistillationConfig, DistillationTrainer, Recipe
-from hfdistill.cli import accuracy
+from hfdistill.tasks import accuracy
 from hfdistill.data import build_task_data, load_raw_data
 from hfdistill.models import load_model
 from hfdistill.recipe import DataSpec, ModelSpec

@@ -6,8 +6,9 @@ Two steps:
    labels, from a built-in offline source (``sklearn-digits``, ``fashion-mnist``,
    ``chatterbot-corpus``), ``imagefolder``, ``csv``/``json`` files, a ``datasets`` Hub id, or a
    ``DatasetDict`` passed from Python. A validation split is made (seeded) when there is none.
-2. :func:`build_task_data` turns the splits into model inputs with the preprocessing of the models
-   themselves: image size, channels, mean and std from the student's config (the teacher's inputs are
+2. :func:`build_task_data` turns the splits into model inputs with the task's data builder (the
+   table in :mod:`hfdistill.tasks`: :func:`image_classification_data`, :func:`text_classification_data`)
+   and the preprocessing of the models themselves: image size, channels, mean and std from the student's config (the teacher's inputs are
    re-normalised/resized on the device when its config differs), and each model's own tokenizer.
 
 Everything runs on whole batches (DESIGN.md: reading a ``datasets.Dataset`` row by row costs about
@@ -28,8 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import RecipeError
 from .models import ImageConfig, LoadedModel
-from .recipe import DataSpec, RecipeError
+from .recipe import DataSpec
+from .tasks import IMAGE_COLUMNS, LABEL_COLUMNS, TEXT_COLUMNS, get_task  # noqa: F401 - column names re-exported
 
 BUILTIN_SOURCES = ("sklearn-digits", "fashion-mnist", "chatterbot-corpus")
 FILE_SOURCES = ("imagefolder", "csv", "json")
@@ -38,9 +41,6 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_LABELS = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
-TEXT_COLUMNS = ("text", "sentence", "content", "review", "question")
-LABEL_COLUMNS = ("label", "labels", "fine_label", "target", "class")
 EVAL_SPLITS = ("validation", "valid", "val", "test")
 
 
@@ -290,7 +290,8 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
     seed = spec.seed if seed is None else seed
     if spec.augment not in ("auto", *AUGMENTATIONS):
         raise RecipeError("data.augment", f"unknown augmentation {spec.augment!r}; allowed: auto, {', '.join(AUGMENTATIONS)}")
-    image_task = task == "image-classification"
+    info = get_task(task)
+    image_task = info.inputs == "image"
     if dataset is None and spec.name in ("sklearn-digits", "fashion-mnist"):
         if not image_task:
             raise RecipeError("data.name", f"{spec.name} is an image dataset but the recipe's task is {task!r}")
@@ -306,8 +307,8 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
         return RawData(train, evaluation, names, "image", default_augment=default_augment)
 
     if dataset is None and spec.name == "chatterbot-corpus":
-        if image_task:
-            raise RecipeError("data.name", "chatterbot-corpus is a text dataset but the recipe's task is image-classification")
+        if info.inputs != "text":
+            raise RecipeError("data.name", f"chatterbot-corpus is a text dataset but the recipe's task is {task!r}")
         options = dict(spec.options)
         unknown = sorted(set(options) - {"language", "topics"})
         if unknown:
@@ -336,10 +337,10 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
 
     columns = train.column_names
     if image_task:
-        input_column = _pick_column(columns, spec.image_column, IMAGE_COLUMNS, "image_column", "the images")
+        input_column = _pick_column(columns, spec.image_column, info.input_columns, "image_column", "the images")
     else:
-        input_column = _pick_column(columns, spec.text_column, TEXT_COLUMNS, "text_column", "the text")
-    label_column = _pick_column(columns, spec.label_column, LABEL_COLUMNS, "label_column", "the class labels")
+        input_column = _pick_column(columns, spec.text_column, info.input_columns, "text_column", "the text")
+    label_column = _pick_column(columns, spec.label_column, info.label_columns, "label_column", "the class labels")
     for column in (input_column, label_column):
         if column not in evaluation.column_names:
             raise RecipeError("data.eval_split", f"the eval split has no column {column!r}; its columns: {evaluation.column_names}")
@@ -560,31 +561,43 @@ def build_task_data(
     augment: str = "auto",
     max_length: int = 128,
 ) -> TaskData:
-    """Model inputs for ``student`` (and ``teacher``) from raw splits: transforms, collator, teacher mapping."""
+    """Model inputs for ``student`` (and ``teacher``) from raw splits, with the task's data builder."""
+    return get_task(task).build_data(raw, student, teacher, augment=augment, max_length=max_length)
+
+
+def image_classification_data(
+    raw: RawData, student: LoadedModel, teacher: LoadedModel | None = None, augment: str = "auto"
+) -> TaskData:
+    """Images -> normalised ``pixel_values`` at the student's size; the teacher's inputs are mapped on the device."""
     id2label = dict(enumerate(raw.label_names))
-    if task == "image-classification":
-        if student.image_config is None:
-            raise RecipeError("student.name", f"{student.name!r} is not an image model (no input size or normalisation known)")
-        augment = raw.default_augment if augment == "auto" else augment
-        train_tf = ImageTransform(student.image_config, train=True, augment=augment)
-        eval_tf = ImageTransform(student.image_config, train=False)
-        if isinstance(raw.train, ImageArrays):
-            # Decode and resize once, keep uint8: the per-batch work is then crop/flip/normalise only.
-            def at_size(split: ImageArrays) -> ImageArrays:
-                return ImageArrays(_resize(split.images, student.image_config.size, student.image_config.interpolation), split.labels)
+    if student.image_config is None:
+        raise RecipeError("student.name", f"{student.name!r} is not an image model (no input size or normalisation known)")
+    augment = raw.default_augment if augment == "auto" else augment
+    train_tf = ImageTransform(student.image_config, train=True, augment=augment)
+    eval_tf = ImageTransform(student.image_config, train=False)
+    if isinstance(raw.train, ImageArrays):
+        # Decode and resize once, keep uint8: the per-batch work is then crop/flip/normalise only.
+        def at_size(split: ImageArrays) -> ImageArrays:
+            return ImageArrays(_resize(split.images, student.image_config.size, student.image_config.interpolation), split.labels)
 
-            train = ArrayImageDataset(at_size(raw.train), train_tf)
-            evaluation = ArrayImageDataset(at_size(raw.eval), eval_tf)
-        else:
-            train = raw.train.with_transform(_DatasetImageTransform(train_tf, raw.input_column, raw.label_column))
-            evaluation = raw.eval.with_transform(_DatasetImageTransform(eval_tf, raw.input_column, raw.label_column))
-        teacher_fn = None
-        if teacher is not None:
-            if teacher.image_config is None:
-                raise RecipeError("teacher.name", f"{teacher.name!r} is not an image model")
-            teacher_fn = teacher_image_inputs(student.image_config, teacher.image_config)
-        return TaskData(train, evaluation, raw.label_names, PaddingCollator(), teacher_fn, id2label)
+        train = ArrayImageDataset(at_size(raw.train), train_tf)
+        evaluation = ArrayImageDataset(at_size(raw.eval), eval_tf)
+    else:
+        train = raw.train.with_transform(_DatasetImageTransform(train_tf, raw.input_column, raw.label_column))
+        evaluation = raw.eval.with_transform(_DatasetImageTransform(eval_tf, raw.input_column, raw.label_column))
+    teacher_fn = None
+    if teacher is not None:
+        if teacher.image_config is None:
+            raise RecipeError("teacher.name", f"{teacher.name!r} is not an image model")
+        teacher_fn = teacher_image_inputs(student.image_config, teacher.image_config)
+    return TaskData(train, evaluation, raw.label_names, PaddingCollator(), teacher_fn, id2label)
 
+
+def text_classification_data(
+    raw: RawData, student: LoadedModel, teacher: LoadedModel | None = None, max_length: int = 128
+) -> TaskData:
+    """Text -> each model's own tokenisation (a teacher with another vocabulary gets ``teacher_*`` fields)."""
+    id2label = dict(enumerate(raw.label_names))
     if student.tokenizer is None:
         raise RecipeError("student.tokenizer", f"{student.name!r} has no tokenizer; set `student.tokenizer`")
     teacher_tokenizer = None

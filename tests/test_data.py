@@ -177,3 +177,48 @@ def test_text_with_two_tokenizers_gives_teacher_fields(tmp_path):
     # The same tokenizer for both: one tokenisation only.
     same = build_task_data(raw, "text-classification", student, student, max_length=16)
     assert same.teacher_inputs is None and "teacher_input_ids" not in same.train[0]
+
+
+# ------------------------------------------------------------------------------------ the task table
+def test_task_table_entries():
+    import transformers
+    from transformers import EvalPrediction
+
+    from hfdistill.tasks import TASK_NAMES, TASKS, get_task
+
+    assert TASK_NAMES == ("image-classification", "text-classification")
+    for task in TASKS.values():
+        assert hasattr(transformers, task.auto_class) and task.inputs in ("image", "text") and task.metric
+    image, text = get_task("image-classification"), get_task("text-classification")
+    assert image.processor == "image_processor" and text.processor == "tokenizer"
+    assert image.compute_metrics(EvalPrediction(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1]))) == {"accuracy": 0.5}
+    loss = image.loss(torch.tensor([[0.0, 10.0], [10.0, 0.0]]), torch.tensor([1, -100]))
+    assert float(loss) < 1e-3  # the ignored label does not count
+    with pytest.raises(RecipeError, match="did you mean 'image-classification'"):
+        get_task("image-clasification")
+
+
+def test_a_new_task_is_one_table_entry(monkeypatch):
+    """The data path reads the table: a new entry (its input columns, its data builder) is all a task needs."""
+    import dataclasses
+
+    import datasets
+
+    from hfdistill import tasks
+
+    built = {}
+
+    def build(raw, student, teacher=None, augment="auto", max_length=128):
+        built.update(raw=raw, student=student, max_length=max_length)
+        return "model inputs"
+
+    entry = dataclasses.replace(tasks.TASKS["text-classification"], name="toy-task", input_columns=("utterance",),
+                                build_data=build)
+    monkeypatch.setitem(tasks.TASKS, "toy-task", entry)
+    dataset = datasets.Dataset.from_dict({"utterance": ["a", "b", "c", "d"] * 3, "label": [0, 1] * 6})
+    raw = load_raw_data(DataSpec(name="python", validation_fraction=0.25), "toy-task", dataset=dataset)
+    assert raw.input_column == "utterance"
+    assert build_task_data(raw, "toy-task", "student", max_length=7) == "model inputs"
+    assert built["raw"] is raw and built["max_length"] == 7
+    with pytest.raises(RecipeError, match="unknown task 'no-such-task'"):
+        build_task_data(raw, "no-such-task", "student")
