@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from hfdistill import cli
-from hfdistill.cli import apply_overrides, main, parse_overrides
+from hfdistill.cli import main
 from hfdistill.recipe import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,54 +51,8 @@ def write(tmp_path, recipe: dict, name: str = "recipe.yaml") -> str:
     return str(path)
 
 
-# ------------------------------------------------------------------------------ overrides
-def test_parse_overrides_types():
-    pairs = parse_overrides(["--training.learning_rate", "0.01", "--terms.0.weight=0.5", "--student.baseline", "true",
-                             "--student.name", "timm:resnet10t", "--data.options", "{topics: [ai]}"])
-    assert pairs == [
-        ("training.learning_rate", 0.01),
-        ("terms.0.weight", 0.5),
-        ("student.baseline", True),
-        ("student.name", "timm:resnet10t"),
-        ("data.options", {"topics": ["ai"]}),
-    ]
-
-
-def test_parse_overrides_rejects_bare_values():
-    with pytest.raises(RecipeError, match="overrides look like"):
-        parse_overrides(["0.01"])
-    with pytest.raises(RecipeError, match="has no value"):
-        parse_overrides(["--training.learning_rate"])
-
-
-def test_apply_overrides_nested_and_lists(tmp_path):
-    data = tiny_recipe(tmp_path)
-    out = apply_overrides(data, [("training.learning_rate", 0.01), ("terms.0.weight", 0.25),
-                                 ("terms.0.params.temperature", 2), ("student.kwargs.drop_rate", 0.1)])
-    assert out["training"]["learning_rate"] == 0.01
-    assert out["terms"][0]["weight"] == 0.25 and out["terms"][0]["params"]["temperature"] == 2
-    assert out["student"]["kwargs"] == {"drop_rate": 0.1}
-    assert data["training"]["learning_rate"] == 0.001  # the input is not modified
-
-
-@pytest.mark.parametrize(
-    "key, message",
-    [("studnet.name", "did you mean 'student'"), ("terms.3.weight", "1 item"), ("student.nmae", "did you mean 'name'")],
-)
-def test_apply_overrides_unknown_keys(tmp_path, key, message):
-    with pytest.raises(RecipeError, match=message):
-        apply_overrides(tiny_recipe(tmp_path), [(key, 1)])
-
-
-def test_load_recipe_with_override_checks_training_keys(tmp_path):
-    path = write(tmp_path, tiny_recipe(tmp_path))
-    recipe = cli.load_recipe(path, ["--training.learning_rate", "0.02", "--terms.0.weight", "0.7"])
-    assert recipe.training["learning_rate"] == 0.02 and recipe.terms[0].weight == 0.7
-    with pytest.raises(RecipeError, match="training.learning_rat.*did you mean 'learning_rate'"):
-        cli.load_recipe(path, ["--training.learning_rat", "0.02"])
-
-
 # ------------------------------------------------------------------------------ end to end
+# (The overrides' own tests are in test_recipe.py, with the recipe types they edit.)
 def test_train_end_to_end_with_teacher_chain_and_baseline(tmp_path, capsys):
     """Teacher trained first (train_from), baseline and distilled student, summary, pipeline() loads it."""
     teacher_dir = tmp_path / "out" / "teacher"
