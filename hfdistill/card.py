@@ -134,36 +134,52 @@ def _taps(value: Any, default: str | None) -> str:
     return f"`{value}`"
 
 
+def _stages(recipe: Mapping[str, Any]) -> list[tuple[str | None, list[dict], Any, Any]]:
+    """``(stage name, terms, task weight, train)`` per stage; one unnamed stage for a recipe without stages."""
+    if recipe.get("stages"):
+        return [(stage.get("name"), stage.get("terms") or [], stage.get("task_weight", recipe.get("task_weight")),
+                 stage.get("train")) for stage in recipe["stages"]]
+    return [(None, recipe.get("terms") or [], recipe.get("task_weight"), None)]
+
+
 def _terms(recipe: Mapping[str, Any]) -> tuple[str | None, list[dict], str]:
-    """The terms table, the papers of the methods used, and the loss formula."""
+    """The terms table (a Stage column for staged recipes), the papers of the methods used, and the loss formula."""
     from . import losses
     from .recipe import TermSpec, term_name
 
-    specs = [TermSpec(**t) for t in recipe.get("terms") or []]
-    task_weight = recipe.get("task_weight")
-    task_weight = 1.0 if task_weight is None else task_weight
-    parts = [f"{task_weight:g} * task loss"] if task_weight else []
-    rows, papers, seen = [], [], set()
-    for index, spec in enumerate(specs):
-        name = term_name(spec, index, specs)
-        try:
-            info = losses.get_info(spec.loss)
-        except KeyError:
-            info = None
-        default = info.default_tap if info else None
-        params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
-        paper = info.paper if info else "-"
-        rows.append([f"`{name}`", f"`{spec.loss}`", f"{spec.weight:g}", _taps(spec.student, default),
-                     _taps(spec.teacher, default), f"`{spec.adapter}`" if spec.adapter else "-", params,
-                     _cite(paper)])
-        parts.append(f"{spec.weight:g} * {name}")
-        if info and spec.loss not in seen:
-            seen.add(spec.loss)
-            papers.append({"name": spec.loss, "description": info.description, "citation": _cite(info.paper)})
+    stages = _stages(recipe)
+    staged = bool(recipe.get("stages"))
+    rows, papers, seen, formulas = [], [], set(), []
+    for stage_name, terms, task_weight, train in stages:
+        specs = [TermSpec(**t) for t in terms]
+        task_weight = 1.0 if task_weight is None else task_weight
+        parts = [f"{task_weight:g} * task loss"] if task_weight else []
+        for index, spec in enumerate(specs):
+            name = term_name(spec, index, specs)
+            try:
+                info = losses.get_info(spec.loss)
+            except KeyError:
+                info = None
+            default = info.default_tap if info else None
+            params = ", ".join(f"{k}={v}" for k, v in spec.params.items()) or "-"
+            paper = info.paper if info else "-"
+            row = [f"`{name}`", f"`{spec.loss}`", f"{spec.weight:g}", _taps(spec.student, default),
+                   _taps(spec.teacher, default), f"`{spec.adapter}`" if spec.adapter else "-", params, _cite(paper)]
+            rows.append([f"`{stage_name}`", *row] if staged else row)
+            parts.append(f"{spec.weight:g} * {name}")
+            if info and spec.loss not in seen:
+                seen.add(spec.loss)
+                papers.append({"name": spec.loss, "description": info.description, "citation": _cite(info.paper)})
+        formula = " + ".join(parts) or "0"
+        if staged:
+            trains = f" (trains {', '.join(train)})" if train else ""
+            formula = f"stage {stage_name}: {formula}{trains}"
+        formulas.append(formula)
     table = None
     if rows:
-        table = _table(["Term", "Method", "Weight", "Student tap", "Teacher tap", "Adapter", "Parameters", "Paper"], rows)
-    return table, papers, " + ".join(parts) or "0"
+        header = ["Term", "Method", "Weight", "Student tap", "Teacher tap", "Adapter", "Parameters", "Paper"]
+        table = _table(["Stage", *header] if staged else header, rows)
+    return table, papers, "; then ".join(formulas)
 
 
 def _cite(paper: str) -> str:
@@ -175,7 +191,7 @@ def _arxiv_ids(recipe: Mapping[str, Any]) -> list[str]:
     from . import losses
 
     ids = []
-    for term in recipe.get("terms") or []:
+    for term in (t for _, terms, _, _ in _stages(recipe) for t in terms):
         try:
             ids += ARXIV.findall(losses.get_info(term["loss"]).paper)
         except KeyError:

@@ -84,6 +84,19 @@ def test_body_names_models_terms_papers_compression_metrics_and_usage():
     assert "hfdistill train recipes/cifar10.yaml --training.push_to_hub true" in text
 
 
+def test_card_lists_the_stages_of_a_staged_recipe():
+    staged = Recipe.from_dict({"stages": [
+        {"name": "hint", "task_weight": 0, "train": ["student.layer1", "adapters"],
+         "terms": [{"loss": "fitnet", "weight": 100, "student": "layer1", "teacher": "layer1", "adapter": "conv_reg"}]},
+        {"name": "distill", "task_weight": 0.1, "terms": [{"loss": "kd", "weight": 0.9}]},
+    ]})
+    card = full_card(recipe=staged)
+    text = card.text
+    assert "`stage hint: 100 * fitnet (trains student.layer1, adapters); then stage distill: 0.1 * task loss + 0.9 * kd`" in text
+    assert "| `hint` | `fitnet` | `fitnet` | 100 | `layer1` |" in text and "| `distill` | `kd` | `kd` | 0.9 |" in text
+    assert {"arxiv:1412.6550", "arxiv:1503.02531"} <= set(ModelCard(str(card)).data.tags)
+
+
 def test_minimal_card_without_teacher_or_metrics():
     card = build_model_card(model_id="student", pipeline_tag="text-classification")
     data = ModelCard(str(card)).data
