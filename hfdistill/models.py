@@ -21,6 +21,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .errors import DistillationError
 from .recipe import ModelSpec, RecipeError
+from .tasks import get_task
 
 
 def is_timm_model(model: Any) -> bool:
@@ -243,10 +244,6 @@ def student_tap_root(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Loading teachers and students from a recipe's ModelSpec.
 # ---------------------------------------------------------------------------------------------
-TASK_AUTO_CLASSES = {
-    "image-classification": "AutoModelForImageClassification",
-    "text-classification": "AutoModelForSequenceClassification",
-}
 PACKAGE_PREFIX = "package:"
 TIMM_PREFIX = "timm:"
 HF_HUB_PREFIX = "hf-hub:"
@@ -403,8 +400,6 @@ def _load_timm(spec: ModelSpec, name: str, path: str, role: str, num_labels: int
 
 
 def _load_checkpoint(model: nn.Module, checkpoint: str, path: str) -> None:
-    import os
-
     import safetensors.torch
 
     if not os.path.isfile(checkpoint):
@@ -458,12 +453,10 @@ def _real_labels(id2label: dict[int, str] | None) -> dict[int, str] | None:
 def _load_transformers(
     spec: ModelSpec, name: str, path: str, role: str, task: str, num_labels: int | None, id2label: dict | None
 ) -> LoadedModel:
-    import os
-
     import transformers
     from transformers import AutoConfig
 
-    auto_class = getattr(transformers, TASK_AUTO_CLASSES[task])
+    auto_class = getattr(transformers, get_task(task).auto_class)
     is_folder = os.path.isdir(name)
     pretrained = spec.pretrained if spec.pretrained is not None else (role == "teacher" or is_folder)
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -526,8 +519,6 @@ def _load_transformers(
 
 
 def _load_tokenizer(name: str | None, path: str, revision: str | None = None) -> Any:
-    import os
-
     from transformers import AutoTokenizer
 
     if name is None:
@@ -592,12 +583,9 @@ def load_model(
 
     Every problem raises :class:`~hfdistill.recipe.RecipeError` naming the recipe field.
     """
-    import os
-
     if role not in ("teacher", "student"):
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
-    if task not in TASK_AUTO_CLASSES:
-        raise RecipeError("task", f"unknown task {task!r}; allowed: {', '.join(TASK_AUTO_CLASSES)}")
+    get_task(task)  # an unknown task is a RecipeError at `task`
     path = role
     name = resolve_model_name(spec, path)
     if name.startswith(TIMM_PREFIX) or name.startswith(HF_HUB_PREFIX):
@@ -640,8 +628,6 @@ def load_model(
 
 def _is_timm_wrapper_folder(folder: str) -> bool:
     import json
-    import os
-
     config = os.path.join(folder, "config.json")
     if not os.path.isfile(config):
         return False
@@ -650,8 +636,6 @@ def _is_timm_wrapper_folder(folder: str) -> bool:
 
 
 def _looks_like_path(name: str) -> bool:
-    import os
-
     # Hub ids are `org/name`: one slash, no leading dot or slash.
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or os.sep != "/" and os.sep in name
 

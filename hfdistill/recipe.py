@@ -46,12 +46,13 @@ import yaml
 
 from . import losses
 from .adapters import available_adapters, check_adapter_params
+from .tasks import TASK_NAMES
 from .errors import AdapterError, LossParamError, OverrideError, RecipeError  # noqa: F401 - RecipeError, OverrideError re-exported
 
 TAP_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.(-?[0-9]+|[A-Za-z_][A-Za-z0-9_]*))*(:(input|output))?$")
 MODULE_PATH_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.(-?[0-9]+|[A-Za-z_][A-Za-z0-9_]*))*$")
 STAGE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
-TASKS = ("image-classification", "text-classification")
+TASKS = TASK_NAMES  # the tasks table (tasks.py) is the one list
 # The name of the one stage of a recipe without `stages`.
 DEFAULT_STAGE_NAME = "distill"
 # What a stage's `train` list may name (followed by `.<path>` where the docs say so).
