@@ -169,6 +169,10 @@ class ModelTaps:
         for text, module in self._modules.items():
             self._handles.append(module.register_forward_hook(self._make_hook(text), with_kwargs=True))
 
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -171,7 +171,7 @@ def _taps_of(value: str | list[str] | None, default: str | None) -> tuple[list[s
     return [value], False
 
 
-def resolve_terms(specs: list[TermSpec], where: str = "terms") -> list[Term]:
+def resolve_terms(specs: list[TermSpec]) -> list[Term]:
     """Recipe terms -> :class:`Term` (names as in the logs, default taps, the fields each loss reads)."""
     terms = []
     for index, spec in enumerate(specs):
@@ -256,8 +256,7 @@ class DistillationModel(nn.Module):
         if teacher_features is None:
             return self.student(**student_inputs)
         outputs, student_features = self.student_features(**student_inputs)
-        device_type = next(iter(student_features.values()), outputs["logits"] if isinstance(outputs, dict) else outputs)
-        device_type = device_type.device.type if isinstance(device_type, torch.Tensor) else "cpu"
+        device_type = next(self.student.parameters()).device.type
         term_losses = {}
         with torch.autocast(device_type, enabled=False):  # losses in fp32 (fp16 Gram matrices overflow)
             for term in self.terms:
@@ -293,16 +292,8 @@ class DistillationModel(nn.Module):
             return getattr(self, head) if not rest else resolve_module(getattr(self, head), rest)
         return None
 
-    @contextlib.contextmanager
-    def trainable(self, entries: list[str] | None, where: str = "train") -> Iterator[None]:
-        """Train only the modules ``entries`` name (everything when None) for the duration.
-
-        Frozen parameters get ``requires_grad=False`` (so the optimiser leaves them out) and frozen
-        modules stay in eval mode (their batch-norm statistics do not move); both are restored after.
-        """
-        if entries is None:
-            yield
-            return
+    def select_trainable(self, entries: list[str], where: str = "train") -> list[nn.Module]:
+        """The modules a stage's ``train:`` entries name; a DistillationError for an entry that names none."""
         selected = []
         for i, entry in enumerate(entries):
             module = self.resolve_trainable(entry)
@@ -313,6 +304,19 @@ class DistillationModel(nn.Module):
                     f"{', '.join(t.name for t in self.terms) or 'none'})"
                 )
             selected.append(module)
+        return selected
+
+    @contextlib.contextmanager
+    def trainable(self, entries: list[str] | None, where: str = "train") -> Iterator[None]:
+        """Train only the modules ``entries`` name (everything when None) for the duration.
+
+        Frozen parameters get ``requires_grad=False`` (so the optimiser leaves them out) and frozen
+        modules stay in eval mode (their batch-norm statistics do not move); both are restored after.
+        """
+        if entries is None:
+            yield
+            return
+        selected = self.select_trainable(entries, where)
         chosen = {id(p) for module in selected for p in module.parameters()}
         flags = {p: p.requires_grad for p in self.parameters()}
         for p in flags:
@@ -384,7 +388,7 @@ def _frozen_modules(root: nn.Module, selected: set[int]) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def _taps_attached(*taps: ModelTaps) -> Iterator[None]:
-    attached = [t for t in taps if not t._handles]
+    attached = [t for t in taps if not t.attached]
     for t in attached:
         t.attach()
     try:

@@ -111,7 +111,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             )
         created = missing_folders(args.output_dir)
         try:
-            terms = resolve_terms(self.stage.terms, f"{self.stage_path}.terms")
+            terms = resolve_terms(self.stage.terms)
             distill = DistillationModel(student, tap_root, terms, task_weight)
             super().__init__(model=distill, args=args, **kwargs)
             self._setup_distillation(teacher, teacher_inputs, distill_state)
@@ -162,9 +162,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             self.add_callback(LossHooksCallback(distill, self.loss_contexts))
         if distill_state:
             distill.load_distill_state_dict(distill_state, strict=False)
-        # The stage's `train:` entries are checked now; they take effect for the duration of train().
-        with distill.trainable(self.stage.train, f"{self.stage_path}.train"):
-            pass
+        if self.stage.train is not None:  # checked now; they take effect for the duration of train()
+            distill.select_trainable(self.stage.train, f"{self.stage_path}.train")
 
     # ------------------------------------------------------------------ data
     def _num_train_examples(self) -> int | None:
