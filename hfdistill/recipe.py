@@ -1,6 +1,6 @@
 """Recipes: a distillation described as plain data (DESIGN.md, contracts 2, 3 and 7).
 
-A recipe is YAML read with ``yaml.safe_load`` into the dataclasses below and validated before
+A recipe is YAML read with a ``yaml.SafeLoader`` (:class:`RecipeLoader`: no tags that build objects) into the dataclasses below and validated before
 anything is trained or written. Every error is a :class:`RecipeError` that names the field path
 (``terms[1].adapter``, ``stages[1].terms[0].params.alpha``) and what is allowed there.
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -52,6 +53,9 @@ from .errors import AdapterError, LossParamError, OverrideError, RecipeError  # 
 TAP_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.(-?[0-9]+|[A-Za-z_][A-Za-z0-9_]*))*(:(input|output))?$")
 MODULE_PATH_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.(-?[0-9]+|[A-Za-z_][A-Za-z0-9_]*))*$")
 STAGE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+TERM_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# Names of the total's other parts: a term may not take them.
+RESERVED_TERM_NAMES = ("task",)
 TASKS = TASK_NAMES  # the tasks table (tasks.py) is the one list
 # The name of the one stage of a recipe without `stages`.
 DEFAULT_STAGE_NAME = "distill"
@@ -64,6 +68,49 @@ RUN_ONLY_TRAINING_KEYS = ("output_dir", "resume_from_checkpoint")
 def _suggest(word: str, choices: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---- YAML ----
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no tags that build objects) with two fixes for recipes.
+
+    - Numbers in exponent form without a dot (``1e-3``, ``5E4``) are floats, as in YAML 1.2 and as a
+      user means them; PyYAML's YAML 1.1 reads them as strings (``learning_rate: 1e-3`` then fails
+      deep inside the Trainer).
+    - A key given twice in one mapping is an error (YAML 1.1 silently keeps the last one).
+    """
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _construct_mapping(loader: RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the base constructor reports it
+            break
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark,
+                f"found the key {key!r} twice (first {first}); give each key once", key_node.start_mark,
+            )
+        seen[key] = f"on line {key_node.start_mark.line + 1}"
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """Plain data from YAML text, read with :class:`RecipeLoader` (safe: no code runs)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
 
 
 @dataclass
@@ -375,14 +422,28 @@ class Recipe:
                 )
         if self.student is not None and self.student.baseline_seeds < 1:
             raise RecipeError("student.baseline_seeds", f"must be >= 1, got {self.student.baseline_seeds}")
-        if self.data is not None and not 0 < self.data.validation_fraction < 1:
-            raise RecipeError("data.validation_fraction", f"must be in (0, 1), got {self.data.validation_fraction}")
+        if self.data is not None:
+            _validate_data(self.data)
 
     def _effective_task_weight(self, stage: StageSpec) -> Any:
         if stage.task_weight is not None:
             return stage.task_weight
         training = self.training if not self.stages else {**self.training, **stage.training}
         return training.get("task_weight", 1.0)  # DistillationConfig's default
+
+
+def _validate_data(data: DataSpec) -> None:
+    if not data.name.strip():
+        raise RecipeError("data.name", "is empty; name a dataset (a Hub id, a built-in set such as `digits`, or a "
+                          "loader such as `imagefolder` with `data_dir`)")
+    if not 0 < data.validation_fraction < 1:
+        raise RecipeError("data.validation_fraction", f"must be in (0, 1), got {data.validation_fraction}")
+    for key, minimum in (("image_size", 1), ("max_length", 1), ("max_train_samples", 1), ("max_eval_samples", 1),
+                         ("seed", 0)):
+        value = getattr(data, key)
+        if value is not None and value < minimum:
+            raise RecipeError(f"data.{key}", f"must be >= {minimum}{' or null' if key != 'max_length' else ''}, "
+                              f"got {value}")
 
 
 def term_name(term: TermSpec, index: int, terms: list[TermSpec]) -> str:
@@ -424,6 +485,92 @@ def _validate_training(training: dict, path: str, stage: bool = False) -> None:
                 f"unknown training argument{_suggest(str(key), allowed)}; any DistillationConfig / "
                 "TrainingArguments field is allowed",
             )
+        _check_training_value(key, training[key], f"{path}.{key}")
+
+
+# Ranges of the training arguments whose nonsense values TrainingArguments accepts (or fails on late):
+# key -> (minimum, exclusive, maximum). Types come from DistillationConfig's own annotations.
+TRAINING_RANGES: dict[str, tuple[float | None, bool, float | None]] = {
+    "learning_rate": (0, False, None),
+    "distill_learning_rate": (0, True, None),
+    "num_train_epochs": (0, True, None),
+    "per_device_train_batch_size": (1, False, None),
+    "per_device_eval_batch_size": (1, False, None),
+    "gradient_accumulation_steps": (1, False, None),
+    "eval_accumulation_steps": (1, False, None),
+    "seed": (0, False, 2**32 - 1),
+    "data_seed": (0, False, 2**32 - 1),
+    "weight_decay": (0, False, None),
+    "max_grad_norm": (0, False, None),
+    "warmup_ratio": (0, False, 1),
+    "warmup_steps": (0, False, None),
+    "logging_steps": (0, True, None),
+    "save_steps": (0, True, None),
+    "eval_steps": (0, True, None),
+    "save_total_limit": (1, False, None),
+    "dataloader_num_workers": (0, False, None),
+    "adam_beta1": (0, False, 1),
+    "adam_beta2": (0, False, 1),
+    "adam_epsilon": (0, True, None),
+    "label_smoothing_factor": (0, False, 1),
+    "task_weight": (0, False, None),
+    "lr_decay_rate": (0, True, 1),
+    "dry_run_examples": (1, False, None),
+}
+
+
+def _training_types() -> dict[str, Any]:
+    from .config import DistillationConfig
+
+    return typing.get_type_hints(DistillationConfig)
+
+
+def _check_training_value(key: str, value: Any, path: str) -> None:
+    """A ``training.<key>`` value has its DistillationConfig field's type (numbers strictly: no booleans,
+    no strings, finite) and is in the range where it means something."""
+    tp = _training_types().get(key)
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    optional = type(None) in options
+    if value is None:
+        if optional or tp is None:
+            return
+        raise RecipeError(path, f"must not be null; remove the key to use the default")
+    scalar = [t for t in options if t in (int, float, bool)]
+    if not scalar or len(options) - optional > 1:
+        return  # strings, enums, lists, unions of those: TrainingArguments checks them
+    (kind,) = scalar
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(path, f"must be true or false, got {type(value).__name__} {value!r}")
+        return
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise RecipeError(path, f"must be an integer, got {type(value).__name__} {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        hint = " (write it without quotes)" if isinstance(value, str) and _is_number_text(value) else ""
+        raise RecipeError(path, f"must be a number, got {type(value).__name__} {value!r}{hint}")
+    if not math.isfinite(value):
+        raise RecipeError(path, f"must be a finite number, got {value!r}")
+    if key == "max_steps" and value != -1 and value < 1:
+        raise RecipeError(path, f"must be a positive number of steps, or -1 to train for num_train_epochs; got {value}")
+    if key in TRAINING_RANGES:
+        minimum, exclusive, maximum = TRAINING_RANGES[key]
+        low = minimum is not None and (value <= minimum if exclusive else value < minimum)
+        high = maximum is not None and value > maximum
+        if low or high:
+            bounds = []
+            if minimum is not None:
+                bounds.append(f"{'>' if exclusive else '>='} {minimum}")
+            if maximum is not None:
+                bounds.append(f"<= {maximum}")
+            raise RecipeError(path, f"must be {' and '.join(bounds)}, got {value!r}")
+
+
+def _is_number_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _validate_train(train: list[str], terms: list[TermSpec], path: str) -> None:
@@ -477,6 +624,17 @@ def _validate_term(term: TermSpec, path: str) -> None:
             f"registered losses: {', '.join(losses.available())}",
         )
     info = losses.get_info(term.loss)
+    if term.name is not None:
+        if not TERM_NAME_PATTERN.fullmatch(term.name):
+            raise RecipeError(
+                f"{path}.name", f"{term.name!r} is not a term name; use letters, digits, `_` and `-`, starting with a "
+                "letter (it names the term's log `loss_<name>` and its state)",
+            )
+        if term.name in RESERVED_TERM_NAMES:
+            raise RecipeError(
+                f"{path}.name", f"{term.name!r} is reserved (the logs call the student's own loss `loss_task`); "
+                "choose another name",
+            )
     if term.weight < 0:
         raise RecipeError(f"{path}.weight", f"must be >= 0, got {term.weight}")
     for key in term.params:
@@ -577,13 +735,19 @@ def _read_recipe_file(path: Path, child: Path | None) -> dict:
     where = "base" if child is not None else ""
     whose = f" (the base of {_display(child)})" if child is not None else ""
     if not path.is_file():
-        raise RecipeError(where, f"recipe file {str(path)!r}{whose} does not exist; give the path of a YAML recipe")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise RecipeError(where, f"recipe file {str(path)!r}{whose} {what}; give the path of a YAML recipe")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise RecipeError(where, f"{_display(path)}{whose} is not valid YAML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(where, f"{_display(path)}{whose} cannot be read: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(where, f"{_display(path)}{whose} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "a recipe is a YAML text file") from None
+    except OSError as exc:
+        raise RecipeError(where, f"{_display(path)}{whose} cannot be read: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise RecipeError(where, f"{_display(path)}{whose} is nested too deeply to be a recipe") from None
     if data is None:
         raise RecipeError(where, f"{_display(path)}{whose} is empty; a recipe needs at least `terms:` or `student:`")
     if not isinstance(data, dict):
@@ -630,8 +794,8 @@ def parse_overrides(tokens: Sequence[str]) -> list[tuple[str, Any]]:
             text = tokens[i + 1]
             i += 2
         try:
-            value = yaml.safe_load(text) if text.strip() else text
-        except yaml.YAMLError:
+            value = load_yaml(text) if text.strip() else text
+        except (yaml.YAMLError, RecursionError):
             value = text  # not YAML: keep the string as typed
         if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
             value = text  # YAML 1.1 reads `no`/`yes`/`on`/`off` as booleans; `--training.save_strategy no` means "no"
@@ -777,6 +941,8 @@ def _parse_value(tp: Any, value: Any, path: str) -> Any:
         return _parse_dataclass(tp, value, path)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise RecipeError(path, f"must be a finite number, got {value!r}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

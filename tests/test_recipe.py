@@ -208,3 +208,98 @@ def test_load_recipe_with_override_checks_training_keys(tmp_path):
     with pytest.raises(OverrideError, match="after the command-line overrides") as info:
         load_recipe(path, ["--terms.0.weight", "-1"])
     assert info.value.path == "terms[0].weight"
+
+
+# ---- bad input that used to slip through (issue 11: every bad value is an error naming its field) ----
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e-3` as a string; a recipe means the number (in files and in overrides)."""
+    path = tmp_path / "r.yaml"
+    path.write_text("terms: [{loss: kd}]\ntraining: {learning_rate: 1e-3, weight_decay: 5E-4}\n")
+    recipe = Recipe.from_yaml(path)
+    assert recipe.training == {"learning_rate": 0.001, "weight_decay": 0.0005}
+    assert parse_overrides(["--training.learning_rate", "2e-5", "--terms.0.weight=1E1"]) == [
+        ("training.learning_rate", 2e-5), ("terms.0.weight", 10.0)]
+    assert parse_overrides(["--training.run_name", "1e3x"]) == [("training.run_name", "1e3x")]
+
+
+def test_duplicate_keys_are_an_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("terms:\n  - loss: kd\n    weight: 0.5\n    weight: 0.9\n")
+    with pytest.raises(RecipeError, match=r"'weight' twice \(first on line 3\)"):
+        Recipe.from_yaml(path)
+
+
+@pytest.mark.parametrize(
+    "data, path",
+    [
+        ({"terms": [{"loss": "kd", "weight": float("nan")}]}, "terms[0].weight"),
+        ({"terms": [{"loss": "kd", "weight": float("inf")}]}, "terms[0].weight"),
+        ({"terms": [{"loss": "kd"}], "task_weight": float("nan")}, "task_weight"),
+        ({"terms": [{"loss": "kd", "params": {"temperature": float("nan")}}]}, "terms[0].params.temperature"),
+        ({"terms": [{"loss": "kd", "params": {"temperature": "abc"}}]}, "terms[0].params.temperature"),
+        ({"terms": [{"loss": "kd", "name": "task"}]}, "terms[0].name"),
+        ({"terms": [{"loss": "kd", "name": "my.kd"}]}, "terms[0].name"),
+        ({"terms": [{"loss": "kd", "name": ""}]}, "terms[0].name"),
+    ],
+)
+def test_non_finite_values_and_bad_term_names(data, path):
+    assert error_of(data).path == path
+
+
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("learning_rate", "1e-3", "write it without quotes"),
+        ("learning_rate", True, "must be a number"),
+        ("learning_rate", float("nan"), "finite"),
+        ("learning_rate", -0.1, ">= 0"),
+        ("per_device_train_batch_size", 0, ">= 1"),
+        ("gradient_accumulation_steps", 0, ">= 1"),
+        ("seed", -1, ">= 0"),
+        ("max_steps", 2.5, "integer"),
+        ("max_steps", 0, "-1"),
+        ("num_train_epochs", 0, "> 0"),
+        ("bf16", "yes", "true or false"),
+        ("task_weight", float("inf"), "finite"),
+    ],
+)
+def test_training_values_are_checked(key, value, fragment):
+    error = error_of({"terms": [{"loss": "kd"}], "training": {key: value}})
+    assert error.path == f"training.{key}" and fragment in str(error)
+    staged = {"stages": [{"name": "a", "terms": [{"loss": "kd"}], "training": {key: value}}]}
+    assert error_of(staged).path == f"stages[0].training.{key}"
+
+
+def test_a_timestamp_is_not_a_seed(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("terms: [{loss: kd}]\ntraining: {seed: 2024-01-01}\n")
+    with pytest.raises(RecipeError, match="training.seed: must be an integer"):
+        Recipe.from_yaml(path)
+
+
+def test_unreadable_recipe_files_are_recipe_errors(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"terms: [{loss: kd}]\n\xff\xfe\x00\x81")
+    with pytest.raises(RecipeError, match="not UTF-8"):
+        Recipe.from_yaml(binary)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("terms: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(RecipeError, match="(nested too deeply|not valid YAML)"):
+        Recipe.from_yaml(deep)
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    with pytest.raises(RecipeError, match="is a folder"):
+        Recipe.from_yaml(folder)
+
+
+@pytest.mark.parametrize(
+    "data, path",
+    [
+        ({"name": ""}, "data.name"),
+        ({"name": "digits", "max_train_samples": -5}, "data.max_train_samples"),
+        ({"name": "digits", "image_size": 0}, "data.image_size"),
+        ({"name": "digits", "max_length": 0}, "data.max_length"),
+    ],
+)
+def test_data_values_are_checked(data, path):
+    assert error_of({"terms": [{"loss": "kd"}], "data": data}).path == path
