@@ -10,7 +10,8 @@
 :func:`hfdistill.run.check`), and run unchanged under ``accelerate launch -m hfdistill train RECIPE``.
 
 Exit codes: 0 done, 2 bad input (one paragraph naming the problem and the fix; nothing trained or
-written), 1 anything else (with the traceback), 130 interrupted (Ctrl-C; the message says how to resume).
+written), 1 anything else (a short message; `--debug` or HFDISTILL_DEBUG=1 adds the traceback), 130
+interrupted (Ctrl-C; the message says how to resume).
 A Hub error is bad input when the recipe named something that cannot be had (2), else a failure (1).
 """
 
@@ -30,6 +31,7 @@ from .run import RunInterrupted, run, run_recipe  # noqa: F401 - run_recipe: the
 from .tasks import accuracy  # noqa: F401 - moved to hfdistill.tasks; kept importable from here
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEBUG_ENV = "HFDISTILL_DEBUG"  # set to 1 (or pass --debug) for the traceback of an unexpected error
 METHODS_START, METHODS_END = "<!-- methods:start -->", "<!-- methods:end -->"
 
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a student as a YAML recipe describes (every stage, after checking all of them). " + overrides,
     )
     train.add_argument("recipe", help="the recipe YAML file")
+    train.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     check = commands.add_parser(
         "check", help="check a recipe without training: models, data, every stage's dry run",
         description="Validate a recipe, load its models and data and build the trainer of every stage (the "
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checked. Exit 0 when `train` would start, 2 with the problem otherwise. " + overrides,
     )
     check.add_argument("recipe", help="the recipe YAML file")
+    check.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     commands.add_parser(
         "push", add_help=False, help="push a finished result folder to the Hub (`hfdistill push --help`)"
     )
@@ -131,10 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     if args.command == "losses":
+        args.debug = False
         if extra:
             _error(f"unexpected arguments {extra}; `hfdistill losses` takes only --markdown / --update-readme")
             return EXIT_BAD_INPUT
         return guarded(lambda: _losses_command(args))
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
     if args.command == "check":
         return guarded(lambda: _check_command(args.recipe, extra))
     return guarded(lambda: run(args.recipe, overrides=extra, command=reproduce_command(args.recipe, extra)))
@@ -172,11 +179,16 @@ def guarded(action: Callable[[], Any]) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted before training started; nothing to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - exit code 1 with the error, the traceback for bug reports
-        import traceback
+    except Exception as exc:  # noqa: BLE001 - exit code 1 with the error; the traceback on request
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            import traceback
 
-        traceback.print_exc()
-        _error(f"{type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            hint = ""
+        else:
+            hint = f" (this is not a problem with your input; rerun with --debug or {DEBUG_ENV}=1 for the traceback " \
+                   "to report it)"
+        _error(f"{type(exc).__name__}: {exc}{hint}")
         return EXIT_ERROR
     return EXIT_OK
 

@@ -264,7 +264,7 @@ def test_reproduce_command_never_holds_a_token():
     assert command == "hfdistill train r.yaml --training.learning_rate 0.1"
 
 
-def test_exit_codes_of_each_kind_of_error(capsys):
+def test_exit_codes_of_each_kind_of_error(capsys, monkeypatch):
     from hfdistill.errors import AdapterError, HubError, LossParamError, ResultFolderError
 
     def raising(error):
@@ -278,6 +278,11 @@ def test_exit_codes_of_each_kind_of_error(capsys):
         err = capsys.readouterr().err
         assert err.startswith("hfdistill: error:") and "\n\n" not in err and "Traceback" not in err
     assert cli.guarded(raising(HubError("the Hub is unreachable", reason="unreachable"))) == 1
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert cli.guarded(raising(RuntimeError("a bug"))) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "RuntimeError: a bug" in err and "--debug" in err
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
     assert cli.guarded(raising(RuntimeError("a bug"))) == 1
     assert "Traceback" in capsys.readouterr().err
     assert cli.guarded(raising(KeyboardInterrupt())) == 130
@@ -290,3 +295,9 @@ def test_cli_is_parsing_and_exit_codes_only():
     source = Path(cli.__file__).read_text(encoding="utf-8")
     assert len(source.splitlines()) < 300
     assert "DistillationTrainer" not in source and "def plan_run" not in source and "def load_recipe" not in source
+
+
+def test_debug_flag_sets_the_traceback_switch(monkeypatch):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    args, extra = cli.build_parser().parse_known_args(["train", "r.yaml", "--debug", "--training.seed", "1"])
+    assert args.debug and extra == ["--training.seed", "1"]
