@@ -41,9 +41,23 @@ def to_float(value: Any) -> Any:
     return value
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of a model's floating-point parameters (None when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def cast_inputs(inputs: dict, dtype: torch.dtype | None) -> dict:
+    """Floating-point input tensors in a half-precision model's dtype (a bf16 model takes bf16 pixels)."""
+    if dtype is None or dtype == torch.float32:
+        return inputs
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype else v
+            for k, v in inputs.items()}
+
+
 def call_model(model: nn.Module, inputs: dict, input_names: set[str] | None = None, **forward_kwargs) -> Any:
     """Call a transformers model with the inputs it accepts (never ``labels``), a timm or plain module
-    with its main input tensor (positionally)."""
+    with its main input tensor (positionally); floating-point inputs in the model's dtype."""
+    inputs = cast_inputs(inputs, model_dtype(model))
     if isinstance(model, PreTrainedModel):
         accepted = input_names if input_names is not None else set(inspect.signature(model.forward).parameters)
         return model(**{k: v for k, v in inputs.items() if k in accepted and k != "labels"}, **forward_kwargs)
@@ -92,7 +106,7 @@ class Teacher:
         elif cast is not None:
             model.to(dtype=cast)
         self.model = model
-        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        self.dtype = model_dtype(model)
         self.inputs_fn = inputs_fn
         self.shared_input_names = set(shared_input_names)
         self.input_names = set(inspect.signature(model.forward).parameters)
@@ -110,10 +124,7 @@ class Teacher:
         return {**shared, **own}
 
     def _forward(self, inputs: dict, forward_kwargs: dict) -> Any:
-        if self.dtype is not None and self.dtype != torch.float32:  # a half-precision teacher takes half inputs
-            inputs = {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                      for k, v in inputs.items()}
-        return call_model(self.model, inputs, self.input_names, **forward_kwargs)
+        return call_model(self.model, inputs, self.input_names, **forward_kwargs)  # half inputs for a half teacher
 
     # ---- the interface ----
     @torch.no_grad()

@@ -167,3 +167,20 @@ def test_build_raises_on_unknown_loss_field():
     finally:
         registry._LOSSES.pop("bad_field_test")
     assert build("kd") is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_teacher_takes_float_inputs_everywhere(dtype):
+    """A teacher run in half precision (`teacher_dtype`) is also called by the summary's latency with the
+    float32 eval batch: call_model gives it inputs in its own dtype (issue 11: the summary crashed)."""
+    import timm
+
+    from hfdistill.summary import measure_latency
+    from hfdistill.teacher import call_model
+
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3, in_chans=1).to(dtype).eval()
+    batch = {"pixel_values": torch.randn(2, 1, 32, 32), "labels": torch.tensor([0, 1])}
+    with torch.no_grad():
+        assert call_model(model, batch).dtype == dtype
+    latency = measure_latency(model, batch)
+    assert latency and all(ms > 0 for ms in latency.values())
