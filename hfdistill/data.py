@@ -35,6 +35,14 @@ from .recipe import DataSpec
 from .tasks import IMAGE_COLUMNS, LABEL_COLUMNS, TEXT_COLUMNS, get_task  # noqa: F401 - column names re-exported
 
 BUILTIN_SOURCES = ("sklearn-digits", "fashion-mnist", "chatterbot-corpus")
+# The `data.*` fields each built-in source reads besides the sizes, seeds and augmentation every source
+# has; the others do not apply to it (recipe validation refuses them rather than ignore them).
+BUILTIN_SOURCE_FIELDS = {
+    "sklearn-digits": ("validation_fraction",),
+    "fashion-mnist": ("data_dir",),
+    "chatterbot-corpus": ("options", "validation_fraction", "train_split"),
+}
+SOURCE_AGNOSTIC_FIELDS = ("name", "seed", "image_size", "max_length", "max_train_samples", "max_eval_samples", "augment")
 FILE_SOURCES = ("imagefolder", "csv", "json")
 AUGMENTATIONS = ("none", "crop", "crop_flip", "rrc_flip")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

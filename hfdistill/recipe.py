@@ -420,6 +420,11 @@ class Recipe:
                     where, f"{'stage ' + repr(stage.name) if self.stages else 'this recipe'} has no terms and a task "
                     "weight of 0, so it would train nothing; add a term or give the task loss a weight",
                 )
+        for role in ("teacher", "student"):
+            spec = getattr(self, role)
+            while spec is not None:
+                _validate_model(spec, role)
+                spec, role = spec.train_from, f"{role}.train_from"
         if self.student is not None and self.student.baseline_seeds < 1:
             raise RecipeError("student.baseline_seeds", f"must be >= 1, got {self.student.baseline_seeds}")
         if self.data is not None:
@@ -432,10 +437,37 @@ class Recipe:
         return training.get("task_weight", 1.0)  # DistillationConfig's default
 
 
+def _validate_model(spec: ModelSpec, path: str) -> None:
+    """Fields that apply only to transformers models are refused for timm ones (not silently ignored)."""
+    if not spec.name.strip():
+        raise RecipeError(f"{path}.name", "is empty; name a model (`timm:resnet18`, a transformers id or a folder)")
+    if spec.name.startswith(("timm:", "hf-hub:")):
+        for key, instead in (("config", "`kwargs:` (timm.create_model arguments such as `depths`)"),
+                             ("tokenizer", "nothing: timm models take images")):
+            if getattr(spec, key) is not None:
+                raise RecipeError(f"{path}.{key}", f"applies to transformers models, not to the timm model "
+                                  f"{spec.name!r}; use {instead}")
+    if spec.dtype is not None and spec.dtype not in ("float32", "bfloat16", "float16"):
+        raise RecipeError(f"{path}.dtype", f"must be float32, bfloat16 or float16, got {spec.dtype!r}")
+
+
 def _validate_data(data: DataSpec) -> None:
+    from .data import BUILTIN_SOURCE_FIELDS, SOURCE_AGNOSTIC_FIELDS
+
     if not data.name.strip():
-        raise RecipeError("data.name", "is empty; name a dataset (a Hub id, a built-in set such as `digits`, or a "
-                          "loader such as `imagefolder` with `data_dir`)")
+        raise RecipeError("data.name", "is empty; name a dataset (a Hub id, a built-in set such as `sklearn-digits`, "
+                          "or a loader such as `imagefolder` with `data_dir`)")
+    if data.name in BUILTIN_SOURCE_FIELDS:
+        reads = BUILTIN_SOURCE_FIELDS[data.name]
+        for f in dataclasses.fields(DataSpec):
+            if f.name in SOURCE_AGNOSTIC_FIELDS or f.name in reads:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if getattr(data, f.name) != default:
+                raise RecipeError(
+                    f"data.{f.name}", f"does not apply to the built-in source {data.name!r} (it reads "
+                    f"{', '.join(reads + ('the sizes and augmentation',))}); remove it",
+                )
     if not 0 < data.validation_fraction < 1:
         raise RecipeError("data.validation_fraction", f"must be in (0, 1), got {data.validation_fraction}")
     for key, minimum in (("image_size", 1), ("max_length", 1), ("max_train_samples", 1), ("max_eval_samples", 1),

@@ -303,3 +303,21 @@ def test_unreadable_recipe_files_are_recipe_errors(tmp_path):
 )
 def test_data_values_are_checked(data, path):
     assert error_of({"terms": [{"loss": "kd"}], "data": data}).path == path
+
+
+@pytest.mark.parametrize(
+    "data, path",
+    [
+        ({"terms": [{"loss": "kd"}], "data": {"name": "sklearn-digits", "options": {"x": 1}}}, "data.options"),
+        ({"terms": [{"loss": "kd"}], "data": {"name": "fashion-mnist", "label_column": "y"}}, "data.label_column"),
+        ({"terms": [{"loss": "kd"}], "data": {"name": "chatterbot-corpus", "image_column": "img"}}, "data.image_column"),
+        ({"terms": [{"loss": "kd"}], "student": {"name": "timm:resnet18", "config": {"depth": 2}}}, "student.config"),
+        ({"terms": [{"loss": "kd"}], "teacher": {"name": "runs/t", "train_from": {"name": "timm:resnet18",
+                                                                                   "tokenizer": "bert"}}},
+         "teacher.train_from.tokenizer"),
+        ({"terms": [{"loss": "kd"}], "student": {"name": "timm:resnet18", "dtype": "float64"}}, "student.dtype"),
+        ({"terms": [{"loss": "kd"}], "student": {"name": " "}}, "student.name"),
+    ],
+)
+def test_fields_that_do_not_apply_are_errors(data, path):
+    assert error_of(data).path == path
