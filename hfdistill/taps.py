@@ -167,7 +167,12 @@ class ModelTaps:
         if self._handles:
             return
         for text, module in self._modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(text), with_kwargs=True))
+            if self.taps[text].capture == "input":
+                # Read the input before the module runs: an in-place module (timm's `ReLU(inplace=True)`)
+                # would otherwise have overwritten it, and a pre-ReLU tap would read post-ReLU values.
+                self._handles.append(module.register_forward_pre_hook(self._make_input_hook(text), with_kwargs=True))
+            else:
+                self._handles.append(module.register_forward_hook(self._make_hook(text), with_kwargs=True))
 
     @property
     def attached(self) -> bool:
@@ -180,16 +185,21 @@ class ModelTaps:
         self.clear()
 
     def _make_hook(self, text: str):
-        capture = self.taps[text].capture
-
         def hook(module, args, kwargs, output):
+            if self._recording:
+                self._store[text] = _first_tensor(output)  # overwrite: a re-run forward (checkpointing) must not append
+
+        return hook
+
+    def _make_input_hook(self, text: str):
+        def hook(module, args, kwargs):
             if not self._recording:
-                return
-            if capture == "input":
-                value = args[0] if args else next(iter(kwargs.values()), None)
-            else:
-                value = _first_tensor(output)
-            self._store[text] = value  # overwrite: a re-run forward (checkpointing) must not append
+                return None
+            value = args[0] if args else next(iter(kwargs.values()), None)
+            if getattr(module, "inplace", False) and isinstance(value, torch.Tensor):
+                value = value.clone()  # the module will overwrite its input; the clone keeps the graph
+            self._store[text] = value
+            return None
 
         return hook
 

@@ -170,3 +170,18 @@ def test_adapter_parameter_errors(name, params, match):
 def test_adapter_valid_parameters_pass_the_check():
     for name, params in [("conv1x1", {"bn": False, "resize": "pool"}), ("mlp", {"hidden": None}), ("linear", {})]:
         check_adapter_params(name, params)
+
+
+def test_input_tap_of_an_in_place_module_reads_the_values_before_it():
+    """`layer1.0.act2:input` is the pre-ReLU sum of a timm block even though its ReLU is in place, and the
+    gradient still flows through it."""
+    model = tiny_timm().train()
+    assert model.layer1[0].act2.inplace
+    nn.init.normal_(model.layer1[0].bn2.weight)  # timm zero-initialises the last BN of a block
+    taps = ModelTaps(model, ["layer1.0.act2:input", "layer1.0.act2"], "student")
+    features, _ = record(taps, lambda: model(torch.randn(2, 3, 16, 16)))
+    pre, post = features["layer1.0.act2:input"], features["layer1.0.act2"]
+    assert (pre < 0).any() and (post >= 0).all()
+    torch.testing.assert_close(pre.clamp(min=0), post)
+    pre.pow(2).sum().backward()
+    assert model.layer1[0].bn2.weight.grad is not None and model.layer1[0].bn2.weight.grad.abs().sum() > 0
