@@ -47,6 +47,14 @@ class LossContext:
         stage: the name of the recipe stage being trained.
         epoch / step: the training progress (in hooks; 0 at set-up).
         accelerator: the run's ``accelerate.Accelerator`` (gather/broadcast across processes), or None.
+        frozen_teacher: the :class:`~hfdistill.teacher.Teacher` (its ``call_inputs(batch)``, ``model``,
+            ``dtype``), for methods that run the teacher on inputs of their own (BSS's adversarial
+            samples, SSKD's rotations, gradients with respect to the input); None without a teacher.
+        student_inputs: ``batch -> the student's forward inputs`` (what the trainer passes it), for
+            methods that run the student on inputs of their own; with the ``batch`` field.
+
+    A loss module that keeps ``student``/``teacher`` for its forward must not register them as its
+    submodules (their weights would be saved in its state): keep them in a tuple or a plain object.
     """
 
     term: str = "term"
@@ -64,6 +72,8 @@ class LossContext:
     epoch: float = 0.0
     step: int = 0
     accelerator: Any = None
+    frozen_teacher: Any = None
+    student_inputs: Callable[[dict], dict] | None = None
     # Set by the trainer: one pass over training batches yielding this term's (student, teacher) values
     # (after the adapter, in fp32, without gradients), e.g. MGD's channel statistics.
     _term_values: Callable[[int | None], Iterator[tuple[Any, Any, dict]]] | None = field(default=None, repr=False)
@@ -96,6 +106,8 @@ def _batch_field(name: str, optional: bool = False) -> Callable[[dict, Any, Any]
     return read
 
 
+STUDENT_INPUT_FIELD = "student_input"
+
 LOSS_FIELDS: dict[str, Callable[[dict, Any, Any], Any]] = {
     "labels": _batch_field("labels"),
     "attention_mask": _batch_field("attention_mask", optional=True),  # image batches have none
@@ -103,6 +115,14 @@ LOSS_FIELDS: dict[str, Callable[[dict, Any, Any], Any]] = {
     "epoch": lambda batch, state, num_items: float(state.epoch or 0.0),
     "step": lambda batch, state, num_items: int(state.global_step),
     "num_items_in_batch": lambda batch, state, num_items: num_items,
+    # The whole training batch (inputs, labels, `teacher_*` fields, index), for methods that run the
+    # models on inputs of their own (with LossContext.student_inputs / frozen_teacher).
+    "batch": lambda batch, state, num_items: batch,
+    # The student's main input tensor (`pixel_values`) as the training forward saw it, made to require
+    # grad before that forward, for methods that differentiate the student's outputs with respect to its
+    # input (Sobolev / Jacobian matching) without a second student forward. Filled in by
+    # DistillationModel.forward (None here); a term declaring it turns the behaviour on.
+    STUDENT_INPUT_FIELD: lambda batch, state, num_items: None,
 }
 
 
@@ -255,6 +275,9 @@ class DistillationModel(nn.Module):
     def forward(self, teacher_features: dict | None = None, loss_fields: dict | None = None, **student_inputs):
         if teacher_features is None:
             return self.student(**student_inputs)
+        loss_fields = dict(loss_fields or {})
+        if any(STUDENT_INPUT_FIELD in term.fields for term in self.terms):
+            student_inputs, loss_fields[STUDENT_INPUT_FIELD] = self.input_requiring_grad(student_inputs)
         outputs, student_features = self.student_features(**student_inputs)
         device_type = next(self.student.parameters()).device.type
         term_losses = {}
@@ -264,6 +287,26 @@ class DistillationModel(nn.Module):
                 fields = {name: loss_fields[name] for name in term.fields}
                 term_losses[term.name] = self.losses[term.name](student_value, teacher_value, **fields).float()
         return outputs, term_losses
+
+    def input_requiring_grad(self, student_inputs: dict) -> tuple[dict, torch.Tensor]:
+        """The student's inputs with its main input replaced by a copy that requires grad, and that copy.
+
+        For terms that declare the ``student_input`` field: the one training forward then builds the graph
+        from the input, so a loss can take ``d outputs / d input`` (with ``create_graph=True``) without a
+        second student forward (which would also update batch-norm statistics twice per step).
+        """
+        name = self.main_input_name
+        value = student_inputs.get(name)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            kind = "missing" if value is None else (
+                f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__)
+            raise DistillationError(
+                f"a term differentiates the student's outputs with respect to its input (field "
+                f"{STUDENT_INPUT_FIELD!r}), but the student's main input {name!r} is {kind}; such methods need a "
+                "continuous input (pixel_values, input_values), not token ids"
+            )
+        value = value.detach().requires_grad_(True)
+        return {**student_inputs, name: value}, value
 
     def select(self, term: Term, student_features: dict, teacher_features: dict) -> tuple[Any, Any]:
         """The (adapted) student value and the teacher value a term's loss receives, in fp32."""
@@ -461,6 +504,8 @@ def build_term_modules(
             teacher_taps=list(term.teacher_taps),
             student=distill.tap_root[0],
             teacher=getattr(teacher, "model", None),
+            frozen_teacher=teacher,
+            student_inputs=student_inputs,
             **context,
         )
         if term_batches is not None:

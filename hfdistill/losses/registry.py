@@ -34,6 +34,17 @@ loss modules:
   paraphraser) and raise :class:`hfdistill.errors.DistillationError` with the fix;
 - ``on_epoch_begin(ctx)``: at the start of every epoch (e.g. MGD's matching from a pass over data);
 - ``on_step_end(ctx)``: after every optimiser step (e.g. momentum updates of a memory bank).
+
+Methods that run the models themselves (BSS's adversarial samples, SSKD's rotations, Sobolev's input
+gradients, DML's peers) declare the ``batch`` field (the whole training batch) and use
+``ctx.student`` / ``ctx.student_inputs(batch)`` and ``ctx.frozen_teacher`` (``call_inputs(batch)``,
+``model``), kept in a tuple or plain object, never as submodules. The ``student_input`` field is the
+student's main input made to require grad before the one training forward (input gradients without a
+second forward). Such a loss class sets ``needs_live_teacher = True`` when it runs the teacher: a cache
+of teacher outputs (:mod:`hfdistill.cache`) cannot stand in for it, and the trainer says so.
+
+A loss module that trains whole networks to publish beside the student (DML's peers) returns them from
+``extra_students() -> {name: model}``; the run saves each as a student folder of its own.
 """
 
 from __future__ import annotations
