@@ -33,8 +33,20 @@ def _bn_train(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tens
 
 
 def _params_have_grad(module: nn.Module) -> list[str]:
-    """Names of trainable parameters that received no (or an all-zero) gradient."""
-    return [n for n, p in module.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    """Names of trainable parameters that received no (or an all-zero) gradient.
+
+    The bias of a convolution or linear layer followed by a batch-norm in training mode is left out: the
+    normalisation subtracts it again, so its gradient is zero up to rounding (exactly zero with some
+    thread counts)."""
+    cancelled = set()
+    for prefix, parent in module.named_modules():
+        children = list(parent.named_children())
+        for (name, child), (_, following) in zip(children, children[1:]):
+            if isinstance(child, (nn.Conv2d, nn.Linear)) and isinstance(following, nn.modules.batchnorm._BatchNorm) \
+                    and following.training and child.bias is not None:
+                cancelled.add(f"{prefix}.{name}.bias" if prefix else f"{name}.bias")
+    return [n for n, p in module.named_parameters()
+            if n not in cancelled and (p.grad is None or not torch.any(p.grad != 0))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -835,3 +847,281 @@ def test_cwd_against_kl_div_and_properties():
         losses.build("cwd", temperature=0)
     with pytest.raises(DistillationError, match="same shape"):
         cwd(s, torch.randn(2, 4, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer runs (AB and PAD have stages; PAD has state)
+# ---------------------------------------------------------------------------------------------
+
+
+def _trainer(tmp_path, recipe, train, stage=None, distill_state=None, steps=3, student=None, teacher=None):
+    from conftest import tiny_timm
+    from test_trainer import make_args
+
+    from hfdistill import DistillationTrainer
+
+    return DistillationTrainer(
+        model=student if student is not None else tiny_timm(seed=2),
+        teacher=teacher if teacher is not None else tiny_timm(seed=1),
+        recipe=recipe, stage=stage, distill_state=distill_state,
+        args=make_args(tmp_path, max_steps=steps, per_device_train_batch_size=8, logging_steps=1),
+        train_dataset=train,
+    )
+
+
+def _teacher_state(teacher: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in teacher.state_dict().items()}
+
+
+def _assert_bit_identical(before: dict[str, torch.Tensor], teacher: nn.Module) -> None:
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------------
+# ab
+# ---------------------------------------------------------------------------------------------
+
+
+def _ab_reference(s_list, t_list, m=1.0) -> float:
+    """Knowledge-Distillation-Zoo / RepDistiller's ABLoss without its 3/1000: the masked squares summed per layer,
+    divided by the batch size, layer i of n weighted 2^(i - n + 1)."""
+    n = len(s_list)
+    total = 0.0
+    for i, (s, t) in enumerate(zip(s_list, t_list)):
+        loss = ((s + m) ** 2 * ((s > -m) & (t <= 0)).float() + (s - m) ** 2 * ((s <= m) & (t > 0)).float())
+        total += 2 ** (i - n + 1) * float(loss.abs().sum()) / s.shape[0]
+    return total
+
+
+def test_ab_registered():
+    info = losses.get_info("ab")
+    assert info.reads == "features" and info.multi_layer and info.same_shape and not info.trainable
+    assert "arXiv:1811.03233" in info.paper and info.params == ("margin",)
+
+
+def test_ab_hand_computed_values():
+    ab = losses.build("ab")  # margin 1
+    # one example, four neurons: teacher active / active / inactive / inactive
+    t = torch.tensor([[2.0, 0.5, -1.0, 0.0]])
+    s = torch.tensor([[3.0, 0.25, -0.5, -2.0]])
+    # active: (s - 1)^2 where s <= 1: neuron 1 -> 0.5625; inactive: (s + 1)^2 where s > -1: neuron 2 -> 0.25
+    assert ab(s, t).item() == pytest.approx(0.5625 + 0.25)
+    assert losses.build("ab", margin=0.5)(s, t).item() == pytest.approx(0.0625 + 0.0)
+    # boundaries: s exactly at +m for an active neuron, -m for an inactive one: no loss
+    assert ab(torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, -1.0]])).item() == 0.0
+    # two layers: the shallower one is weighted 1/2; batch mean
+    s2 = [torch.tensor([[0.0], [0.0]]), torch.tensor([[0.0], [2.0]])]
+    t2 = [torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0], [-1.0]])]
+    # layer 0: (0-1)^2 twice -> 2 / 2 = 1, times 1/2; layer 1: 1 + (2+1)^2 = 10 -> 5
+    assert ab(s2, t2).item() == pytest.approx(0.5 * 1 + 5.0)
+
+
+def test_ab_value_against_reference_formula():
+    torch.manual_seed(0)
+    s_list = [torch.randn(3, 4, 4, 4) * 2, torch.randn(3, 6, 2, 2) * 2, torch.randn(3, 8, 1, 1) * 2]
+    t_list = [torch.randn(3, 4, 4, 4), torch.randn(3, 6, 2, 2), torch.randn(3, 8, 1, 1)]
+    for m in (1.0, 0.3):
+        assert losses.build("ab", margin=m)(s_list, t_list).item() == pytest.approx(_ab_reference(s_list, t_list, m), rel=1e-5)
+    # a single tensor is one layer of weight 1
+    assert losses.build("ab")(s_list[0], t_list[0]).item() == pytest.approx(_ab_reference(s_list[:1], t_list[:1]), rel=1e-5)
+
+
+def test_ab_gradients_push_across_the_boundary():
+    s = torch.tensor([[0.5, 0.5, -3.0]], requires_grad=True)
+    t = torch.tensor([[1.0, -1.0, -1.0]])
+    losses.build("ab")(s, t).backward()
+    # active teacher: push s up towards +1; inactive: push s down to -1; already beyond -1: no gradient
+    assert s.grad[0, 0] < 0 and s.grad[0, 1] > 0 and s.grad[0, 2] == 0
+    assert s.grad[0].tolist() == pytest.approx([2 * (0.5 - 1), 2 * (0.5 + 1), 0.0])
+
+
+def test_ab_properties_and_errors():
+    torch.manual_seed(0)
+    t = torch.randn(2, 3, 4, 4)
+    ab = losses.build("ab")
+    assert ab(2 * torch.sign(t) + t, t).item() == 0.0  # beyond the margin on the teacher's side everywhere
+    assert ab(t.bfloat16(), t.bfloat16()).dtype == torch.float32
+    assert torch.isfinite(ab(t * 1e4, t))
+    assert torch.isfinite(ab(t[:1], t[:1]))
+    with pytest.raises(DistillationError, match="as many student as teacher layers"):
+        ab([t, t], [t])
+    with pytest.raises(DistillationError, match="same shape"):
+        ab(torch.randn(2, 4, 4, 4), t)
+    for bad in (-1.0, float("nan"), "1"):
+        with pytest.raises(LossParamError, match="'margin'"):
+            losses.build("ab", margin=bad)
+
+
+AB_TAPS = ["layer1.-1.act2:input", "layer2.-1.act2:input", "layer4.-1.act2:input"]
+
+
+def test_ab_two_stage_run_trains_student_layers_and_connectors(tmp_path, digits):
+    """The initialisation stage: AB alone (no labels) trains the listed student layers and the conv1x1 connectors
+    (adapters) on pre-ReLU taps; the classifier and the teacher do not change; the second stage is CE alone."""
+    from conftest import tiny_timm
+
+    recipe = {"stages": [
+        {"name": "init", "task_weight": 0,
+         "train": ["student.conv1", "student.bn1", "student.layer1", "student.layer2", "student.layer3",
+                   "student.layer4", "adapters"],
+         "terms": [{"name": "ab", "loss": "ab", "weight": 0.003, "student": AB_TAPS, "teacher": AB_TAPS,
+                    "adapter": "conv1x1"}]},
+        {"name": "classify", "task_weight": 1},
+    ]}
+    student, teacher = tiny_timm(seed=2), tiny_timm(seed=1)
+    teacher_before = _teacher_state(teacher)
+    fc_before = student.fc.weight.detach().clone()
+    layer1_before = student.layer1[0].conv1.weight.detach().clone()
+    train = digits[0].select(range(32))
+    first = _trainer(tmp_path, recipe, stage="init", student=student, teacher=teacher, steps=2, train=train)
+    adapters_before = {k: v.clone() for k, v in first.model.adapters.state_dict().items()}
+    assert len(first.model.adapters["ab"]) == 3  # one connector per layer pair
+    first.train()
+    logged = [h["loss_ab"] for h in first.state.log_history if "loss_ab" in h]
+    assert logged and all(math.isfinite(v) for v in logged)
+    assert torch.equal(student.fc.weight, fc_before)  # the classifier is not part of the init stage
+    assert not torch.equal(student.layer1[0].conv1.weight, layer1_before)
+    assert any(not torch.equal(v, first.model.adapters.state_dict()[k]) for k, v in adapters_before.items())
+    _assert_bit_identical(teacher_before, teacher)
+    second = _trainer(tmp_path, recipe, stage="classify", distill_state=first.distill_state(), student=student,
+                      teacher=teacher, steps=1, train=train)
+    assert second.model.terms == []
+    second.train()
+    assert not torch.equal(student.fc.weight, fc_before)
+    _assert_bit_identical(teacher_before, teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# pad
+# ---------------------------------------------------------------------------------------------
+
+
+def _pad_built(d=5, **params):
+    pad = losses.build("pad", **params)
+    pad.configure(LossContext(student_shape=torch.Size([4, d]), teacher_shape=torch.Size([4, d])))
+    return pad
+
+
+def test_pad_registered_and_branch():
+    info = losses.get_info("pad")
+    assert info.trainable and info.same_shape and not info.multi_layer and info.params == ("eps",)
+    assert "arXiv:2008.01458" in info.paper
+    pad = _pad_built(d=6)
+    linear, bn = pad.variance_branch
+    assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (6, 6)
+    assert isinstance(bn, nn.BatchNorm1d) and bn.num_features == 6
+    assert set(pad.state_dict()) >= {"variance_branch.0.weight", "variance_branch.1.running_mean"}
+
+
+def test_pad_value_against_formula():
+    torch.manual_seed(0)
+    pad = _pad_built(d=5).train()
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    linear, bn = pad.variance_branch
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        v = _bn_train(s @ linear.weight.t() + linear.bias, bn.eps, bn.weight, bn.bias)  # log sigma^2, [4, 5]
+    expected = 0.0
+    for b in range(4):  # mean over examples of the mean over dimensions
+        expected += sum(((t[b, d] - s[b, d]) ** 2 / (1e-6 + math.exp(v[b, d])) + v[b, d]).item() for d in range(5)) / 5
+    assert pad(s, t).item() == pytest.approx(expected / 4, rel=1e-5)
+    # eval mode: the branch's BatchNorm uses its running statistics
+    pad.eval()
+    with torch.no_grad():
+        v = F.batch_norm(s @ linear.weight.t() + linear.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                         False, 0.0, bn.eps)
+    expected = ((t - s) ** 2 / (1e-6 + v.exp()) + v).mean()
+    assert pad(s, t).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_pad_with_zero_log_variance_is_the_l2_warmup_loss():
+    torch.manual_seed(0)
+    pad = _pad_built(d=5, eps=1e-3).train()
+    with torch.no_grad():
+        for p in pad.variance_branch.parameters():
+            p.zero_()  # branch output 0 -> sigma^2 = 1
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    assert pad(s, t).item() == pytest.approx(F.mse_loss(s, t).item() / (1 + 1e-3), rel=1e-6)
+
+
+def test_pad_learns_larger_variance_for_examples_it_cannot_fit():
+    """The mechanism: trained on its own, the branch predicts a larger sigma^2 for the examples with large errors,
+    so their L2 is down-weighted; the per-element optimum of e^2 / sigma^2 + log sigma^2 is sigma^2 = e^2."""
+    torch.manual_seed(0)
+    pad = _pad_built(d=4).train()
+    s = torch.cat([torch.randn(16, 4) + 3.0, torch.randn(16, 4) - 3.0])  # two groups the branch can tell apart
+    noise = torch.cat([0.1 * torch.randn(16, 4), 3.0 * torch.randn(16, 4)])  # the second group is hard to fit
+    t = s + noise
+    opt = torch.optim.Adam(pad.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        pad(s, t).backward()
+        opt.step()
+    pad.eval()
+    with torch.no_grad():
+        log_var = pad.log_variance(s)
+    easy, hard = log_var[:16].mean().item(), log_var[16:].mean().item()
+    assert hard - easy > 3.0  # about log(9 / 0.01) = 6.8 at the optimum
+    assert math.exp(hard) == pytest.approx(noise[16:].pow(2).mean().item(), rel=0.5)
+
+
+def test_pad_gradients_properties_and_errors():
+    torch.manual_seed(0)
+    pad = _pad_built(d=5).train()
+    s = torch.randn(4, 5, requires_grad=True)
+    pad(s, torch.randn(4, 5)).backward()
+    assert torch.any(s.grad != 0) and _params_have_grad(pad.variance_branch) == []
+    assert pad(s.detach().bfloat16(), torch.randn(4, 5).bfloat16()).dtype == torch.float32
+    assert torch.isfinite(pad(s.detach() * 1e4, torch.randn(4, 5) * 1e4))
+    # [B, C, 1, 1] embeddings are flattened
+    pad4 = losses.build("pad")
+    pad4.configure(LossContext(student_shape=torch.Size([4, 5, 1, 1]), teacher_shape=torch.Size([4, 5, 1, 1])))
+    assert torch.isfinite(pad4(torch.randn(4, 5, 1, 1), torch.randn(4, 5, 1, 1)))
+    with pytest.raises(DistillationError, match="batch of at least 2"):
+        pad(torch.randn(1, 5), torch.randn(1, 5))
+    pad.eval()
+    assert torch.isfinite(pad(torch.randn(1, 5), torch.randn(1, 5)))  # running statistics: one example is fine
+    with pytest.raises(RuntimeError, match="configure"):
+        losses.build("pad")(torch.randn(4, 5), torch.randn(4, 5))
+    with pytest.raises(DistillationError, match="adapter: linear"):
+        losses.build("pad").configure(LossContext(student_shape=torch.Size([4, 3]), teacher_shape=torch.Size([4, 5])))
+    with pytest.raises(DistillationError, match="configured for 5"):
+        pad(torch.randn(4, 6), torch.randn(4, 6))
+    for bad in (0, -1e-6, float("inf"), True):
+        with pytest.raises(LossParamError, match="'eps'"):
+            losses.build("pad", eps=bad)
+
+
+def test_pad_two_stage_run_l2_warmup_then_pad(tmp_path, digits):
+    """Warm-up with `mse` on the pooled features (a linear adapter), then `pad` under the same term name: the adapter
+    carries over, the variance branch is created in the second stage and trains there; the teacher never changes."""
+    from conftest import tiny_timm
+
+    def stage(name, loss):
+        return {"name": name, "task_weight": 1, "terms": [
+            {"name": "embed", "loss": loss, "student": "features", "teacher": "features", "adapter": "linear"}]}
+
+    recipe = {"stages": [stage("l2_warmup", "mse"), stage("pad", "pad")]}
+    student = tiny_timm("test_resnet", seed=2)
+    teacher = tiny_timm("test_efficientnet", seed=1)  # other embedding width: the adapter maps it
+    teacher_before = _teacher_state(teacher)
+    train = digits[0].select(range(32))
+    first = _trainer(tmp_path, recipe, stage="l2_warmup", student=student, teacher=teacher, steps=2, train=train)
+    first.train()
+    warm = first.distill_state()
+    assert set(warm) and all(k.startswith("adapters.embed.") for k in warm)
+    second = _trainer(tmp_path, recipe, stage="pad", distill_state=warm, student=student, teacher=teacher, steps=2,
+                      train=train)
+    pad = second.model.losses["embed"]
+    assert isinstance(pad, losses.get_info("pad").cls)
+    for k, v in warm.items():
+        torch.testing.assert_close(second.distill_state()[k], v)  # the warmed-up adapter is the one PAD starts from
+    branch_before = {k: v.clone() for k, v in pad.variance_branch.state_dict().items()}
+    second.train()
+    logged = [h["loss_embed"] for h in second.state.log_history if "loss_embed" in h]
+    assert logged and all(math.isfinite(v) for v in logged)
+    assert any(not torch.equal(v, pad.variance_branch.state_dict()[k]) for k, v in branch_before.items())
+    assert any(k.startswith("losses.embed.variance_branch") for k in second.distill_state())
+    _assert_bit_identical(teacher_before, teacher)

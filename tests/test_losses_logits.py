@@ -493,3 +493,242 @@ def test_dist_and_dkd_stay_finite_with_masked_classes():
 def test_logit_std_kd_constant_row_has_finite_gradient():
     value, grad = _value_and_grad(losses.build("logit_std_kd"), torch.zeros(2, C), logits(2, C))
     assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+# --------------------------------------------------------------------------------------------- skd
+
+
+def layer_norm_rows(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """The authors' projection: F.layer_norm over the classes (population variance, eps inside the square root)."""
+    return torch.nn.functional.layer_norm(z, (z.shape[-1],), None, None, eps)
+
+
+def skd_reference(s, t, temperature, multiplier, alpha=1.0, y=None):
+    """PaddleClas/authors-style SKD, written with softmax probabilities and textbook sums."""
+    z_s, z_t = layer_norm_rows(s) * multiplier, layer_norm_rows(t) * multiplier
+    p_t, p_s = probs(z_t, temperature), probs(z_s, temperature)
+    kd = kl(p_t, p_s).mean() * temperature**2
+    if alpha == 1.0:
+        return kd
+    ce = -torch.log(probs(z_s)[torch.arange(len(y)), y]).mean()
+    return alpha * kd + (1 - alpha) * ce
+
+
+def test_skd_registered():
+    info = get_info("skd")
+    assert info.reads == "logits" and info.default_tap == "logits" and not info.trainable
+    assert info.fields == ("labels",) and info.params == ("temperature", "multiplier", "alpha")
+    assert "arXiv:2010.07485" in info.paper
+
+
+def test_skd_value_matches_the_authors_layer_norm_formula():
+    s, t = logits(B, C, seed=1, scale=3.0), logits(B, C, seed=2, scale=5.0)
+    y = torch.tensor([0, 3, 1, 4])
+    for temperature, multiplier in [(4.0, 2.0), (1.0, 3.0)]:
+        got = losses.build("skd", temperature=temperature, multiplier=multiplier)(s, t, labels=y)
+        torch.testing.assert_close(got, skd_reference(s, t, temperature, multiplier), rtol=1e-5, atol=1e-6)
+    got = losses.build("skd", alpha=0.9)(s, t, labels=y)
+    torch.testing.assert_close(got, skd_reference(s, t, 4.0, 2.0, alpha=0.9, y=y), rtol=1e-5, atol=1e-6)
+
+
+def test_skd_hand_computed_projection():
+    # [1, 2, 3]: mean 2, population std sqrt(2/3) -> zscore [-sqrt(3/2), 0, sqrt(3/2)]
+    z = torch.tensor([[1.0, 2.0, 3.0]])
+    projected = losses.build("skd", multiplier=2.0).project(z)
+    r = math.sqrt(1.5)
+    assert projected[0].tolist() == pytest.approx([-2 * r, 0.0, 2 * r], rel=1e-6)
+    assert projected.pow(2).sum().item() == pytest.approx(4.0 * 3, rel=1e-6)  # on the sphere of radius m * sqrt(C)
+
+
+def test_skd_ignores_confidence_but_not_relations():
+    """The projection removes each logit vector's scale and shift: a student that only differs from the teacher in
+    confidence (a positive scale) or by a shift has zero loss; plain KD does not."""
+    t = logits(B, C, seed=2)
+    skd, kd = losses.build("skd"), losses.build("kd")
+    for s in (3.0 * t, 0.2 * t + 5.0):
+        assert skd(s, t).item() == pytest.approx(0.0, abs=1e-6)
+        assert kd(s, t).item() > 1e-3
+    s = logits(B, C, seed=1)
+    torch.testing.assert_close(skd(7.0 * s - 1.0, 0.5 * t), skd(s, t), rtol=1e-5, atol=1e-6)
+    assert skd(s, t).item() > 1e-3  # other class relations still cost
+
+
+def test_skd_properties():
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    y = torch.tensor([0, 1, 2, 3])
+    for alpha in (1.0, 0.9):
+        skd = losses.build("skd", alpha=alpha)
+        grad = student_grad(skd, s, t, labels=y)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        assert torch.isfinite(skd(s * 1e4, t * 1e4, labels=y))
+        assert torch.isfinite(student_grad(skd, torch.zeros(B, C), t, labels=y)).all()  # constant row
+        assert skd(s.bfloat16(), t.bfloat16(), labels=y).dtype == torch.float32
+    # [B, T, C] logits: rows; the CE part skips rows labelled -100
+    s3, t3 = logits(2, 3, C, seed=3), logits(2, 3, C, seed=4)
+    y3 = torch.tensor([[0, -100, 2], [1, 4, -100]])
+    skd = losses.build("skd", alpha=0.5)
+    keep = y3.reshape(-1) != -100
+    kd_part = losses.build("skd")(s3, t3)
+    ce_part = torch.nn.functional.cross_entropy(2.0 * layer_norm_rows(s3.reshape(6, C))[keep], y3.reshape(-1)[keep])
+    torch.testing.assert_close(skd(s3, t3, labels=y3), 0.5 * kd_part + 0.5 * ce_part, rtol=1e-5, atol=1e-6)
+
+
+def test_skd_masked_class_counts_as_absent():
+    s, t = logits(B, C, seed=1), logits(B, C, seed=2)
+    y = torch.tensor([0, 1, 3, 4])
+    for alpha in (1.0, 0.9):
+        loss = losses.build("skd", alpha=alpha)
+        value, grad = _value_and_grad(loss, _mask(s), _mask(t), labels=y)
+        expected, expected_grad = _value_and_grad(loss, _drop(s), _drop(t), labels=y - (y > MASKED).long())
+        assert torch.isfinite(value) and torch.isfinite(grad).all()
+        torch.testing.assert_close(value, expected)
+        assert torch.all(grad[:, MASKED] == 0)
+        torch.testing.assert_close(_drop(grad), expected_grad)
+
+
+def test_skd_validation():
+    for name, value in [("temperature", 0.0), ("multiplier", 0.0), ("multiplier", -2.0), ("alpha", 1.5),
+                        ("alpha", -0.1)]:
+        with pytest.raises(LossParamError, match=f"'{name}'"):
+            losses.build("skd", **{name: value})
+    with pytest.raises(DistillationError, match="needs labels"):
+        losses.build("skd", alpha=0.9)(logits(B, C), logits(B, C), labels=None)
+    with pytest.raises(DistillationError, match="teacher"):
+        losses.build("skd")(logits(B, C), None)
+
+
+# --------------------------------------------------------------------------------------------- dist_plus
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation with torch.corrcoef (an implementation independent of the loss's)."""
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def dist_plus_reference(z_s, f_s, z_t, f_t, beta, gamma, temperature, channel_weight, spatial_weight):
+    """DIST on the logits + 1 - mean channel correlation per (b, h, w) + 1 - mean batch correlation per position
+    of the channel sums, with explicit loops."""
+    b, c, h, w = f_t.shape
+    channel = [corr(f_s[i, :, y, x], f_t[i, :, y, x]) for i in range(b) for y in range(h) for x in range(w)]
+    g_s, g_t = f_s.sum(1), f_t.sum(1)
+    spatial = [corr(g_s[:, y, x], g_t[:, y, x]) for y in range(h) for x in range(w)]
+    return (float(dist_reference(z_s, z_t, beta, gamma, temperature))
+            + channel_weight * (1 - sum(channel) / len(channel)) + spatial_weight * (1 - sum(spatial) / len(spatial)))
+
+
+def dist_plus_built(s_shapes, t_shapes, **params):
+    from hfdistill.terms import LossContext
+
+    loss = losses.build("dist_plus", **params)
+    loss.configure(LossContext(student_shape=[torch.Size(s) for s in s_shapes],
+                               teacher_shape=[torch.Size(t) for t in t_shapes]))
+    return loss
+
+
+def test_dist_plus_registered():
+    info = get_info("dist_plus")
+    assert info.reads == "logits" and info.multi_layer and info.trainable and info.default_tap is None
+    assert info.params == ("beta", "gamma", "temperature", "channel_weight", "spatial_weight")
+    assert "TPAMI" in info.paper
+
+
+def test_dist_plus_value_matches_formula():
+    z_s, z_t = logits(B, C, seed=1), logits(B, C, seed=2)
+    f_s, f_t = logits(B, 3, 2, 2, seed=3), logits(B, 3, 2, 2, seed=4)
+    loss = dist_plus_built([(B, C), (B, 3, 2, 2)], [(B, C), (B, 3, 2, 2)])
+    assert loss.connector is None  # equal channels: no connector
+    params = (1.0, 1.0, 1.0, 1.0, 1.0)
+    assert loss([z_s, f_s], [z_t, f_t]).item() == pytest.approx(dist_plus_reference(z_s, f_s, z_t, f_t, *params), rel=1e-5)
+    loss = dist_plus_built([(B, C), (B, 3, 2, 2)], [(B, C), (B, 3, 2, 2)], beta=2.0, gamma=0.5, temperature=4.0,
+                           channel_weight=0.3, spatial_weight=2.0)
+    expected = dist_plus_reference(z_s, f_s, z_t, f_t, 2.0, 0.5, 4.0, 0.3, 2.0)
+    assert loss([z_s, f_s], [z_t, f_t]).item() == pytest.approx(expected, rel=1e-5)
+    # the logit part is the `dist` loss itself
+    only_dist = dist_plus_built([(B, C), (B, 3, 2, 2)], [(B, C), (B, 3, 2, 2)], channel_weight=0.0, spatial_weight=0.0)
+    torch.testing.assert_close(only_dist([z_s, f_s], [z_t, f_t]), losses.build("dist")(z_s, z_t))
+
+
+def test_dist_plus_connector_and_pooling():
+    """Fewer student channels: a 1x1 conv + BN connector maps them for the channel relation; the spatial relation uses
+    the raw student map; the larger map is average-pooled to the smaller size first."""
+    z_s, z_t = logits(B, C, seed=1), logits(B, C, seed=2)
+    f_s, f_t = logits(B, 2, 4, 4, seed=3), logits(B, 5, 2, 2, seed=4)
+    loss = dist_plus_built([(B, C), (B, 2, 4, 4)], [(B, C), (B, 5, 2, 2)]).eval()
+    conv, bn = loss.connector
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (2, 5, (1, 1)) and bn.num_features == 5
+    pooled = torch.nn.functional.avg_pool2d(f_s, 2)
+    with torch.no_grad():
+        connected = bn(conv(pooled))
+    channel = 1 - sum(corr(connected[i, :, y, x], f_t[i, :, y, x]) for i in range(B) for y in range(2) for x in range(2)) / (B * 4)
+    g_s, g_t = pooled.sum(1), f_t.sum(1)
+    spatial = 1 - sum(corr(g_s[:, y, x], g_t[:, y, x]) for y in range(2) for x in range(2)) / 4
+    expected = float(dist_reference(z_s, z_t, 1.0, 1.0, 1.0)) + channel + spatial
+    assert loss([z_s, f_s], [z_t, f_t]).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dist_plus_rewards_correlated_features():
+    """Every feature term is 1 - correlation: zero for a student map that is an affine copy of the teacher's, larger
+    for an anti-correlated one (torchdistill's channel term returns the correlation itself; see the docstring)."""
+    z = logits(B, C, seed=1)
+    f_t = logits(B, 3, 2, 2, seed=4)
+    loss = dist_plus_built([(B, C), (B, 3, 2, 2)], [(B, C), (B, 3, 2, 2)], beta=0.0, gamma=0.0)
+    assert loss([z, 2.0 * f_t + 1.0], [z, f_t]).item() == pytest.approx(0.0, abs=1e-5)
+    assert loss([z, -f_t], [z, f_t]).item() == pytest.approx(4.0, abs=1e-5)  # correlation -1 in both terms
+    z_s, f_s = logits(B, C, seed=5), logits(B, 3, 2, 2, seed=6, scale=1.0).requires_grad_(True)
+    loss([z_s, f_s], [z, f_t]).backward()
+    assert torch.isfinite(f_s.grad).all() and f_s.grad.abs().sum() > 0
+
+
+def test_dist_plus_properties_and_errors():
+    from hfdistill.terms import LossContext
+
+    z_s, z_t = logits(B, C, seed=1), logits(B, C, seed=2)
+    f_s, f_t = logits(B, 2, 2, 2, seed=3), logits(B, 3, 2, 2, seed=4)
+    loss = dist_plus_built([(B, C), (B, 2, 2, 2)], [(B, C), (B, 3, 2, 2)]).train()
+    value = loss([z_s.requires_grad_(True), f_s.requires_grad_(True)], [z_t, f_t])
+    value.backward()
+    assert torch.isfinite(z_s.grad).all() and z_s.grad.abs().sum() > 0 and f_s.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.connector.parameters())
+    half = loss([z_s.detach().bfloat16(), f_s.detach().bfloat16()], [z_t.bfloat16(), f_t.bfloat16()])
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    assert torch.isfinite(loss([z_s.detach() * 1e4, f_s.detach() * 1e4], [z_t * 1e4, f_t * 1e4]))
+    with pytest.raises(DistillationError, match=r"\[logits, feature map\]"):
+        loss(z_s, z_t)
+    with pytest.raises(DistillationError, match="configured for 2 student and 3 teacher channels"):
+        loss([z_s, logits(B, 4, 2, 2)], [z_t, f_t])
+    with pytest.raises(RuntimeError, match="configure"):
+        losses.build("dist_plus")([z_s, f_s], [z_t, f_t])
+    with pytest.raises(DistillationError, match=r"\[B, C, H, W\]"):
+        losses.build("dist_plus").configure(LossContext(student_shape=[torch.Size([B, C]), torch.Size([B, 3])],
+                                                        teacher_shape=[torch.Size([B, C]), torch.Size([B, 3])]))
+    with pytest.raises(DistillationError, match="two student taps"):
+        losses.build("dist_plus").configure(LossContext(student_shape=torch.Size([B, C]), teacher_shape=torch.Size([B, C])))
+    for name, value in [("channel_weight", -1.0), ("spatial_weight", float("nan")), ("temperature", 0.0), ("beta", -2.0)]:
+        with pytest.raises(LossParamError, match=f"'{name}'"):
+            losses.build("dist_plus", **{name: value})
+
+
+def test_dist_plus_trainer_run(tmp_path, digits):
+    """[logits, layer4] taps on both sides, a student with fewer channels: the connector is built from the dry run,
+    trains with the student, is saved in the distillation state; the teacher does not change."""
+    from conftest import tiny_timm
+    from test_trainer import make_args
+
+    from hfdistill import DistillationTrainer
+
+    student, teacher = tiny_timm("test_efficientnet", seed=2), tiny_timm("test_resnet", seed=1)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    s_map = "conv_head"  # test_efficientnet's last map
+    recipe = {"terms": [{"name": "dist_plus", "loss": "dist_plus", "student": ["logits", s_map],
+                         "teacher": ["logits", "layer4"], "params": {"beta": 2.0, "gamma": 2.0}}]}
+    trainer = DistillationTrainer(model=student, teacher=teacher, recipe=recipe, train_dataset=digits[0].select(range(32)),
+                                  args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=8, logging_steps=1))
+    loss = trainer.model.losses["dist_plus"]
+    assert loss.connector is not None
+    connector_before = {k: v.clone() for k, v in loss.connector.state_dict().items()}
+    trainer.train()
+    logged = [h["loss_dist_plus"] for h in trainer.state.log_history if "loss_dist_plus" in h]
+    assert logged and all(math.isfinite(v) for v in logged)
+    assert any(not torch.equal(v, loss.connector.state_dict()[k]) for k, v in connector_before.items())
+    assert any(k.startswith("losses.dist_plus.connector") for k in trainer.distill_state())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())

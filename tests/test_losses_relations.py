@@ -501,3 +501,179 @@ def test_fsp_errors():
         fsp(t + t, t)
     with pytest.raises(DistillationError, match="both layers"):
         fsp([torch.randn(2, 3, 4, 4), torch.randn(2, 4, 5)], [torch.randn(2, 3, 4, 4), torch.randn(2, 4, 5)])
+
+
+# ------------------------------------------------------------------------------------------ kdsvd
+
+
+def _kdsvd_reference(s_list, t_list, k=1, sigma=8.0) -> float:
+    """KD-SVD written with numpy's SVD, per example and with explicit loops (alignment, weights, RBF)."""
+    import numpy as np
+
+    def matrix(x, b):  # [C, H, W] -> [H*W, C]
+        x = x[b].double().numpy()
+        return x.reshape(x.shape[0], -1).T
+
+    total = 0.0
+    n = len(s_list)
+    for l in range(n - 1):
+        per_example = []
+        for b in range(s_list[0].shape[0]):
+            mats_s = [matrix(s_list[j], b) for j in (l, l + 1)]
+            mats_t = [matrix(t_list[j], b) for j in (l, l + 1)]
+            kk = min([k] + [min(m.shape) for m in mats_s + mats_t])
+            dfv_s, dfv_t = [], []
+            for x_s, x_t in zip(mats_s, mats_t):
+                _, sig_t, vh_t = np.linalg.svd(x_t, full_matrices=False)
+                _, _, vh_s = np.linalg.svd(x_s, full_matrices=False)
+                v_t = vh_t[:kk].T.copy()
+                for m in range(kk):  # the teacher's sign: largest-magnitude entry positive
+                    if v_t[np.argmax(np.abs(v_t[:, m])), m] < 0:
+                        v_t[:, m] *= -1
+                candidates = vh_s[: kk + 1].T
+                aligned = np.zeros_like(v_t)
+                for m in range(kk):
+                    cos = [float(candidates[:, i] @ v_t[:, m]) for i in range(candidates.shape[1])]
+                    best = int(np.argmax(np.abs(cos)))
+                    aligned[:, m] = candidates[:, best] * (1.0 if cos[best] >= 0 else -1.0)
+                w = sig_t[:kk] / np.linalg.norm(sig_t[:kk])
+                dfv_s.append(aligned * w)
+                dfv_t.append(v_t * w)
+            loss = 0.0
+            (a_s, b_s), (a_t, b_t) = dfv_s, dfv_t
+            for i in range(a_s.shape[0]):
+                for j in range(b_s.shape[0]):
+                    for m in range(kk):
+                        g_s = math.exp(-((a_s[i, m] - b_s[j, m]) ** 2) / sigma)
+                        g_t = math.exp(-((a_t[i, m] - b_t[j, m]) ** 2) / sigma)
+                        loss += (g_s - g_t) ** 2
+            per_example.append(loss)
+        total += sum(per_example) / len(per_example)
+    return total
+
+
+def _kdsvd_maps(seed, shapes):
+    torch.manual_seed(seed)
+    return [torch.randn(*shape) for shape in shapes]
+
+
+def test_kdsvd_registered():
+    info = get_info("kdsvd")
+    assert info.reads == "relations" and info.multi_layer and not info.trainable and not info.same_shape
+    assert "arXiv:1807.06819" in info.paper and info.params == ("k", "sigma")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_kdsvd_value_against_numpy_reference(k):
+    shapes = [(3, 4, 4, 4), (3, 6, 2, 2), (3, 5, 2, 2)]
+    s, t = _kdsvd_maps(0, shapes), _kdsvd_maps(1, [(3, 4, 2, 2), (3, 6, 4, 4), (3, 5, 1, 1)])  # sizes may differ
+    got = build("kdsvd", k=k)(s, t).item()
+    assert got == pytest.approx(_kdsvd_reference(s, t, k=k), rel=1e-4, abs=1e-8)
+    assert build("kdsvd", k=k, sigma=2.0)(s, t).item() == pytest.approx(_kdsvd_reference(s, t, k=k, sigma=2.0), rel=1e-4)
+
+
+def test_kdsvd_top_vectors_backward_matches_torch_svd_and_stays_finite():
+    """The custom backward equals torch.linalg.svd's autograd where that is finite (full rank), passes gradcheck
+    (also with fewer positions than channels), and stays finite on a rank-deficient map where torch's gives NaN."""
+    from hfdistill.losses.relations import kdsvd_top_vectors
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 6, 2, dtype=torch.float64)
+
+    def objective(v):  # depends on the vectors only through sign-invariant products
+        return (v.pow(2) * w).sum() + (v[:, :, 0] * v[:, :, 1]).sum(1).pow(2).sum()
+
+    x = torch.randn(3, 10, 6, dtype=torch.float64, requires_grad=True)
+    (ours,) = torch.autograd.grad(objective(kdsvd_top_vectors(x, 2)[0]), x)
+    vh = torch.linalg.svd(x, full_matrices=False)[2]
+    (theirs,) = torch.autograd.grad(objective(vh[:, :2].transpose(1, 2)), x)
+    torch.testing.assert_close(ours, theirs)
+    assert torch.autograd.gradcheck(lambda x: objective(kdsvd_top_vectors(x, 2)[0]), (x,))
+    wide = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: objective(kdsvd_top_vectors(x, 2)[0]), (wide,))
+    # dead channels (post-ReLU maps): repeated zero singular values
+    dead = torch.randn(3, 10, 6, dtype=torch.float64).relu()
+    dead[:, :, 4:] = 0
+    dead.requires_grad_(True)
+    (ours,) = torch.autograd.grad(objective(kdsvd_top_vectors(dead, 2)[0]), dead)
+    assert torch.isfinite(ours).all() and ours.abs().sum() > 0
+    vh = torch.linalg.svd(dead, full_matrices=False)[2]
+    (theirs,) = torch.autograd.grad(objective(vh[:, :2].transpose(1, 2)), dead)
+    assert not torch.isfinite(theirs).all()  # why the loss has its own backward
+    _, sigma = kdsvd_top_vectors(dead, 2)
+    torch.testing.assert_close(sigma, torch.linalg.svdvals(dead.detach())[:, :2])
+
+
+def test_kdsvd_invariances_and_zero():
+    """The knowledge is the singular vectors: independent of the SVD's signs (negating either network's maps changes
+    nothing), of the order of positions, and of the maps' scale; a student equal to the teacher has loss 0."""
+    kdsvd = build("kdsvd", k=2)
+    shapes = [(2, 4, 3, 3), (2, 5, 2, 2), (2, 3, 2, 2)]
+    s, t = _kdsvd_maps(0, shapes), _kdsvd_maps(1, shapes)
+    value = kdsvd(s, t).item()
+    assert value > 0
+    assert kdsvd([-x for x in s], t).item() == pytest.approx(value, rel=1e-5)
+    assert kdsvd(s, [-x for x in t]).item() == pytest.approx(value, rel=1e-5)
+    assert kdsvd([3.0 * x for x in s], t).item() == pytest.approx(value, rel=1e-5)
+    shuffled = [x.flatten(2)[:, :, torch.randperm(x.shape[2] * x.shape[3])].view_as(x) for x in s]
+    assert kdsvd(shuffled, t).item() == pytest.approx(value, rel=1e-5)
+    assert kdsvd(t, t).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_kdsvd_gradients_and_properties():
+    kdsvd = build("kdsvd")
+    shapes = [(2, 4, 3, 3), (2, 5, 2, 2)]
+    t = _kdsvd_maps(1, shapes)
+    s = [x.requires_grad_(True) for x in _kdsvd_maps(0, shapes)]
+    kdsvd(s, t).backward()
+    assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in s)
+    dead = [x.detach().relu() for x in _kdsvd_maps(2, shapes)]
+    dead[0][:, :2] = 0  # dead channels: rank-deficient maps
+    dead = [x.requires_grad_(True) for x in dead]
+    kdsvd(dead, t).backward()
+    assert all(torch.isfinite(x.grad).all() for x in dead)
+    assert kdsvd([x.detach().bfloat16() for x in s], [x.bfloat16() for x in t]).dtype == torch.float32
+    assert torch.isfinite(kdsvd([x.detach() * 1e4 for x in s], [x * 1e4 for x in t]))
+    assert torch.isfinite(kdsvd([x.detach()[:1] for x in s], [x[:1] for x in t]))  # batch of one
+    one_by_one = [torch.randn(2, 4, 1, 1), torch.randn(2, 5, 1, 1)]  # rank 1 maps
+    assert torch.isfinite(build("kdsvd", k=3)(one_by_one, one_by_one))
+    seq = [torch.randn(2, 6, 4), torch.randn(2, 6, 5)]  # [B, T, D]: tokens as positions
+    assert torch.isfinite(kdsvd(seq, [torch.randn(2, 6, 4), torch.randn(2, 6, 5)]))
+
+
+def test_kdsvd_errors():
+    kdsvd = build("kdsvd")
+    t = [torch.randn(2, 4, 3, 3), torch.randn(2, 5, 2, 2)]
+    with pytest.raises(DistillationError, match="at least 2 taps"):
+        kdsvd(t[0], t[0])
+    with pytest.raises(DistillationError, match="adapter: conv1x1"):
+        kdsvd([torch.randn(2, 3, 3, 3), t[1]], t)
+    with pytest.raises(DistillationError, match="same number"):
+        kdsvd(t, t[:1])
+    with pytest.raises(DistillationError, match=r"\[B, C, H, W\]"):
+        kdsvd([torch.randn(2, 4), torch.randn(2, 5)], [torch.randn(2, 4), torch.randn(2, 5)])
+    for name, value in [("k", 0), ("k", 1.5), ("sigma", 0.0), ("sigma", -8.0)]:
+        with pytest.raises(LossParamError, match=f"'{name}'"):
+            build("kdsvd", **{name: value})
+
+
+def test_kdsvd_trainer_run(tmp_path, digits):
+    """Stage ends through conv1x1 adapters (the student's widths differ from the teacher's): finite term, gradients
+    reach the student and the adapters; the teacher does not change."""
+    from conftest import tiny_timm
+    from test_trainer import make_args
+
+    from hfdistill import DistillationTrainer
+
+    student, teacher = tiny_timm(seed=2), tiny_timm(seed=1)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    taps = ["layer1", "layer2", "layer4"]
+    recipe = {"terms": [{"name": "kdsvd", "loss": "kdsvd", "student": taps, "teacher": taps, "adapter": "conv1x1"}]}
+    trainer = DistillationTrainer(model=student, teacher=teacher, recipe=recipe, train_dataset=digits[0].select(range(32)),
+                                  args=make_args(tmp_path, max_steps=2, per_device_train_batch_size=8, logging_steps=1))
+    adapters_before = {k: v.clone() for k, v in trainer.model.adapters.state_dict().items()}
+    trainer.train()
+    logged = [h["loss_kdsvd"] for h in trainer.state.log_history if "loss_kdsvd" in h]
+    assert logged and all(math.isfinite(v) for v in logged)
+    assert any(not torch.equal(v, trainer.model.adapters.state_dict()[k]) for k, v in adapters_before.items())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())

@@ -1,4 +1,4 @@
-"""Feature-based distillation losses: hint (FitNets), cosine, AT, NST, FT, OFD, AFD, ReviewKD, SRD, ICKD, CWD."""
+"""Feature-based distillation losses: hint (FitNets), cosine, AT, NST, FT, OFD, AFD, ReviewKD, SRD, ICKD, CWD, AB, PAD."""
 
 from __future__ import annotations
 
@@ -1028,3 +1028,160 @@ class CWDLoss(nn.Module):
         log_p_t = F.log_softmax(_to_bcn(t) / self.temperature, dim=2)
         kl = kl_from_log_probs(log_p_t, log_p_s, dim=2)  # [B, C]
         return kl.mean() * self.temperature**2
+
+
+# --------------------------------------------------------------------------------------------
+# Activation Boundaries (AB)
+# --------------------------------------------------------------------------------------------
+
+
+def ab_alternative_l2(s: torch.Tensor, t: torch.Tensor, margin: float) -> torch.Tensor:
+    """AB's alternative (piecewise-differentiable) activation-transfer loss, per element.
+
+    ``rho(t) * ReLU(m - s)^2 + (1 - rho(t)) * ReLU(m + s)^2`` with ``rho(t) = 1[t > 0]``: where the teacher
+    neuron is active the student's pre-activation must reach ``+m``, where it is inactive it must fall to
+    ``-m``. This is the reference code's ``(s + m)^2 * 1[s > -m, t <= 0] + (s - m)^2 * 1[s <= m, t > 0]``
+    written with ReLU (the same values and gradients, also at ``s = +-m``).
+    """
+    return torch.where(t > 0, F.relu(margin - s), F.relu(margin + s)).pow(2)
+
+
+@register_loss(
+    "ab",
+    description="Activation Boundaries: the student's pre-ReLU features (through a connector) learn on which side of "
+    "zero each teacher neuron is, with a margin (alternative L2), over several layers",
+    paper="Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons (Heo, Lee, Yun, Choi), "
+    "AAAI 2019, arXiv:1811.03233",
+    year=2019,
+    reads="features",
+    same_shape=True,
+    multi_layer=True,
+)
+class ABLoss(nn.Module):
+    """``sum_i 2^(i - n + 1) * mean_b sum_{c,h,w} [rho(t_i) ReLU(m - s_i)^2 + (1 - rho(t_i)) ReLU(m + s_i)^2]``.
+
+    ``s_i`` / ``t_i`` (``i = 0 .. n-1``, shallow to deep) are the student's and the teacher's *pre-ReLU*
+    features of layer pair ``i``, the student's after its connector; ``rho(t) = 1[t > 0]`` is the teacher
+    neuron's activation; ``m`` is the margin (the paper's mu; 1 in the authors' code and every port).
+
+    - The per-element term is the paper's alternative loss, which replaces the non-differentiable
+      activation-transfer loss ``||rho(T) - rho(S)||_1`` (:func:`ab_alternative_l2`).
+    - Reduction and layer weights follow the authors' code (bhheo/AB_distillation) and its ports
+      (RepDistiller's ``ABLoss``, which Knowledge-Distillation-Zoo's ``ABLoss`` mirrors): the sum over
+      elements of a layer divided by the batch size, layer ``i`` weighted ``2^(i - n + 1)`` (the deepest layer
+      1, each shallower one half of the next; KD_methods_with_TF's ``2^i`` has the same ratios). They also
+      multiply by ``3 / 1000`` (the authors' CIFAR code, RepDistiller, KD_methods_with_TF; the authors'
+      ImageNet code by ``1 / 1000``): that factor is the term weight in the recipes (``weight: 0.003``).
+    - Connectors. The paper maps the student's feature to the teacher's width with a connector, 1x1 conv
+      + BatchNorm in the authors' code (none where the widths agree). Here it is the term's adapter
+      (``adapter: conv1x1``, BatchNorm on by default), one per layer pair; the engine checks that the adapted
+      student and the teacher have the same shape. The authors initialise the conv with
+      ``N(0, sqrt(2 / out_channels))``; the adapter keeps PyTorch's default init.
+    - Taps. Pre-ReLU features, e.g. ``layer3.-1.act2:input`` for a timm ResNet (the sum before the last
+      block's ReLU), as the paper's "hidden neurons" are the pre-activations and the authors' code taps them.
+      torchdistill's ``AltActTransferLoss`` sample (``dab``) differs from the authors: it reads the stages'
+      post-ReLU outputs and weights every layer 1; we follow the authors.
+    - Training. The paper (and Knowledge-Distillation-Zoo, RepDistiller) use AB as an *initialisation*: a
+      first stage trains the connectors and the student's layers with this loss alone, then the student is
+      trained with cross-entropy (the authors' CIFAR-10 code: KD at T = 3). Write it as two recipe stages
+      (recipes/fashion_mnist/ab.yaml).
+
+    Student and teacher lists must have the same length; a single tensor is one layer (weight 1).
+    """
+
+    def __init__(self, margin: float = 1.0):
+        super().__init__()
+        self.margin = check_number("margin", margin, minimum=0)
+
+    def forward(self, student, teacher) -> torch.Tensor:
+        s_list, t_list = as_list(student), as_list(teacher)
+        if len(s_list) != len(t_list) or not s_list:
+            raise DistillationError(
+                f"ab: needs as many student as teacher layers (>= 1), got {len(s_list)} and {len(t_list)}; "
+                "list the same number of student and teacher taps"
+            )
+        n = len(s_list)
+        total = s_list[0].new_zeros((), dtype=torch.float32)
+        for i, (s, t) in enumerate(zip(s_list, t_list)):
+            s, t = s.float(), t.float()
+            _check_same_shape(s, t, "ab")
+            per_example = ab_alternative_l2(s, t, self.margin).flatten(1).sum(1)  # [B]: sum over c, h, w
+            total = total + 2.0 ** (i - n + 1) * per_example.mean()
+        return total
+
+
+# --------------------------------------------------------------------------------------------
+# Prime-Aware Adaptive Distillation (PAD)
+# --------------------------------------------------------------------------------------------
+
+
+@register_loss(
+    "pad",
+    description="Prime-Aware Adaptive Distillation: L2 between student and teacher embeddings, weighted per example "
+    "and dimension by a learned uncertainty (a variance branch on the student embedding), plus its log-variance",
+    paper="Prime-Aware Adaptive Distillation (Zhang, Lan, Dai, Zeng, Bai, Chang, Wei), ECCV 2020, arXiv:2008.01458",
+    year=2020,
+    reads="features",
+    same_shape=True,
+    trainable=True,
+)
+class PADLoss(nn.Module):
+    """``mean_{b,d} [ (t_bd - s_bd)^2 / (eps + exp(v_bd)) + v_bd ]``, ``v = BN(W s + b)``.
+
+    ``s`` / ``t`` ([B, D]; other shapes are flattened per example) are the student's (after the term's
+    adapter) and the teacher's embeddings, e.g. the pooled penultimate features (``features`` tap). ``v`` is
+    the predicted log-variance ``log sigma^2``, one per example and dimension, from the *variance branch*:
+    a Linear(D, D) followed by BatchNorm1d(D) on the student embedding, built in ``configure`` (trainable,
+    saved in checkpoints, not in the student).
+
+    The paper's idea: examples whose features the student cannot fit (large uncertainty sigma) get a
+    small weight ``1 / sigma^2``, the "prime" examples (small sigma) a large one; the ``log sigma^2`` term
+    keeps sigma from growing without bound (the loss is the Gaussian negative log-likelihood of the teacher
+    feature, up to a constant and a factor 2). The paper's full text was not available to us; what we
+    follow, line by line, is torchdistill's
+    ``PADL2Loss`` and its ``VarianceBranch4PAD`` (whose comment says the averaging follows the authors'
+    code): the branch architecture (Linear + BatchNorm1d on the student embedding, no detach, so the
+    student also receives the branch's gradient), the per-dimension log-variance, ``eps = 1e-6`` added to
+    ``exp(v)``, and the mean over dimensions and examples. With ``v = 0`` the loss is the MSE, so the L2
+    warm-up stage of the method (torchdistill's ``PAD-L2``: train with cross-entropy + L2 first, then switch
+    to this loss) is an ``mse`` term on the same taps (recipes/fashion_mnist/pad.yaml).
+
+    Needs a batch of >= 2 in training (BatchNorm over the batch).
+    """
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = check_number("eps", eps, minimum=0, exclusive=True)
+        self.variance_branch: nn.Module | None = None
+
+    def configure(self, ctx) -> None:
+        s_shape = _single_shape(ctx.student_shape, "pad", "student")
+        t_shape = _single_shape(ctx.teacher_shape, "pad", "teacher")
+        d_s, d_t = math.prod(s_shape[1:]), math.prod(t_shape[1:])
+        if d_s != d_t:
+            raise DistillationError(
+                f"pad: the student embedding {tuple(s_shape)} and the teacher's {tuple(t_shape)} have different sizes "
+                f"({d_s} vs {d_t}); add `adapter: linear` to the term to map the student to the teacher's size"
+            )
+        self.variance_branch = nn.Sequential(nn.Linear(d_s, d_s), nn.BatchNorm1d(d_s))
+        self._dim = d_s
+
+    def log_variance(self, s: torch.Tensor) -> torch.Tensor:
+        """The variance branch: [B, D] student embedding -> [B, D] predicted log sigma^2."""
+        _require_configured(self, "variance_branch", "pad")
+        return self.variance_branch(s).float()
+
+    def forward(self, student, teacher) -> torch.Tensor:
+        _require_configured(self, "variance_branch", "pad")
+        s_raw, t_raw = _single(student, "pad"), _single(teacher, "pad")
+        if s_raw.shape[0] != t_raw.shape[0]:
+            raise DistillationError(f"pad: batch sizes differ: {s_raw.shape[0]} vs {t_raw.shape[0]}")
+        s, t = s_raw.float().flatten(1), t_raw.float().flatten(1)  # [B, D]
+        if s.shape[1] != self._dim or t.shape[1] != self._dim:
+            raise DistillationError(
+                f"pad: configured for {self._dim}-dimensional embeddings, got student {tuple(s_raw.shape)} and "
+                f"teacher {tuple(t_raw.shape)}; configure was called with other shapes"
+            )
+        require_batch_for_bn("pad", self.training, s, "the student embedding", _BN_FIX)
+        log_var = self.log_variance(s)  # [B, D]
+        return ((t - s).pow(2) / (self.eps + torch.exp(log_var)) + log_var).mean()

@@ -1,4 +1,4 @@
-"""relations losses."""
+"""Relation-based distillation losses: PKT, RKD, SP, VID, CC, IRG, FSP, KD-SVD."""
 
 from __future__ import annotations
 
@@ -603,4 +603,198 @@ class FSPLoss(nn.Module):
             g_s = _fsp_matrix(sa, sb, "fsp")
             g_t = _fsp_matrix(ta, tb, "fsp")
             loss = loss + (g_t - g_s).pow(2).sum(dim=(1, 2)).mean()
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# KD-SVD
+# ----------------------------------------------------------------------------------------------
+
+
+def _positions_by_channels(x: torch.Tensor, name: str) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H*W, C]; [B, T, D] as is (tokens are positions, D the channels); float32."""
+    if x.dim() == 4:
+        return x.float().flatten(2).transpose(1, 2)
+    if x.dim() == 3:
+        return x.float()
+    raise DistillationError(
+        f"{name}: feature maps must be [B, C, H, W] (or [B, T, D] sequences), got shape {tuple(x.shape)}; tap layers "
+        "with positions"
+    )
+
+
+class _TopRightSingularVectors(torch.autograd.Function):
+    """The top-``k`` right singular vectors of ``X`` ([B, N, C] -> V_k [B, C, k], with the singular values [B, k]).
+
+    Forward: ``torch.linalg.svd`` of ``X`` (in float64, full right basis). Backward: the derivative of each
+    top vector ``v_i`` (an eigenvector of ``A = X^T X`` with eigenvalue ``lambda_i = sigma_i^2``),
+
+        ``dv_i = sum_{j != i} v_j v_j^T dA v_i / (lambda_i - lambda_j)``,  ``dA = dX^T X + X^T dX``,
+
+    summed over the *full* eigenbasis of A (the null space included, where ``lambda_j = 0``), which gives
+    ``dL/dX = X (G + G^T)`` with ``G = sum_{i <= k, j} [v_j . g_i / (lambda_i - lambda_j)] v_j v_i^T``. This is
+    exactly the gradient torch's SVD backward computes for a loss of the top vectors, except that torch also
+    divides the (zero) coupling of equal *unused* singular values by zero and returns NaN for every map with
+    repeated singular values among its unused ones, e.g. a rank-deficient map (dead ReLU channels, repeated
+    positions); here only the used vectors appear in denominators. Equal top singular values (an undefined derivative) give a zero contribution,
+    as the reference code zeroes non-finite coefficients. The singular values are returned without gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: int):
+        x64 = x.detach().double()
+        _, s, vh = torch.linalg.svd(x64, full_matrices=True)  # s [B, r], vh [B, C, C]
+        v_full = vh.transpose(1, 2)  # [B, C, C], columns sorted by singular value
+        lam = x64.new_zeros(x.shape[0], x.shape[2])
+        lam[:, : s.shape[1]] = s.pow(2)  # eigenvalues of X^T X, zeros for the null space
+        ctx.save_for_backward(x64, v_full, lam)
+        ctx.k = k
+        sigma = s[:, :k].to(x.dtype)
+        ctx.mark_non_differentiable(sigma)
+        return v_full[:, :, :k].to(x.dtype), sigma
+
+    @staticmethod
+    def backward(ctx, grad_v: torch.Tensor, grad_sigma: torch.Tensor):
+        x64, v_full, lam = ctx.saved_tensors
+        k = ctx.k
+        if grad_v is None:
+            return None, None
+        g = grad_v.double()  # [B, C, k]
+        proj = v_full.transpose(1, 2) @ g  # [B, C (j), k (i)]: v_j . g_i
+        gap = lam[:, :k].unsqueeze(1) - lam.unsqueeze(2)  # [B, C (j), k (i)]: lambda_i - lambda_j
+        coef = proj / gap
+        same = torch.zeros_like(coef, dtype=torch.bool)
+        diagonal = torch.arange(k, device=coef.device)
+        same[:, diagonal, diagonal] = True  # j == i: no term
+        coef = torch.where(same | ~torch.isfinite(coef), torch.zeros_like(coef), coef)
+        g_a = v_full @ coef @ v_full[:, :, :k].transpose(1, 2)  # [B, C, C]
+        grad_x = x64 @ (g_a + g_a.transpose(1, 2))
+        return grad_x.to(grad_v.dtype), None
+
+
+def kdsvd_top_vectors(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` right singular vectors [B, C, k] and singular values [B, k] of ``x`` [B, N, C] (differentiable in V)."""
+    return _TopRightSingularVectors.apply(x, k)
+
+
+def kdsvd_fix_sign(v: torch.Tensor) -> torch.Tensor:
+    """A deterministic sign for singular vectors [B, C, k]: each vector's entry of largest magnitude is made
+    positive (the rule of scikit-learn's ``svd_flip``), so the result does not depend on the SVD routine."""
+    index = v.abs().argmax(dim=1, keepdim=True)  # [B, 1, k]
+    sign = torch.where(v.gather(1, index) >= 0, 1.0, -1.0).to(v.dtype)
+    return v * sign
+
+
+def kdsvd_align(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
+    """Resolve SVD's order and sign ambiguity: for each teacher vector j ([B, C, k]), the student candidate
+    ([B, C, k_s]) with the largest |cosine|, its sign flipped so that the cosine is >= 0 -> [B, C, k]."""
+    cosine = v_s.transpose(1, 2) @ v_t  # [B, k_s, k]
+    index = cosine.abs().argmax(dim=1)  # [B, k]
+    chosen = v_s.gather(2, index.unsqueeze(1).expand(-1, v_s.shape[1], -1))  # [B, C, k]
+    sign = torch.where((chosen * v_t).sum(1) >= 0, 1.0, -1.0).to(chosen.dtype)  # [B, k]
+    return chosen * sign.unsqueeze(1)
+
+
+def kdsvd_rbf(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``G[b, i, j, m] = exp(-(a[b, i, m] - b[b, j, m])^2 / sigma)`` for a [B, C1, k], b [B, C2, k] -> [B, C1, C2, k]."""
+    return torch.exp(-(a.unsqueeze(2) - b.unsqueeze(1)).pow(2) / sigma)
+
+
+@register_loss(
+    "kdsvd",
+    description="KD-SVD: top right singular vectors of each layer's feature map (sign-aligned to the teacher's, "
+    "weighted by its singular values); match RBF relations between consecutive layers",
+    paper="Self-supervised Knowledge Distillation Using Singular Value Decomposition (Lee, Kim, Song), ECCV 2018, "
+    "arXiv:1807.06819",
+    year=2018,
+    reads="relations",
+    same_shape=False,
+    multi_layer=True,
+)
+class KDSVDLoss(nn.Module):
+    """``sum_l mean_b sum_{i,j,m} (G_s^l - G_t^l)_{b,i,j,m}^2`` over consecutive layer pairs ``(l, l + 1)``.
+
+    Taps: lists of n >= 2 feature maps per side (the "sensing points", e.g. the end of every stage),
+    ``[B, C, H, W]`` (or ``[B, T, D]``), student and teacher with the same channel counts layer by layer (the
+    relation matrices are C_l x C_(l+1); put `adapter: conv1x1` on the term when the student's differ).
+
+    For every layer, each network's map is read as ``X`` [B, H*W, C] (positions x channels) and:
+
+    1. Truncated SVD ``X = U Sigma V^T``; the *distilled feature vectors* are the top right singular
+       vectors (over channels): ``k`` of the teacher's, ``k + 1`` candidates of the student's
+       (:class:`_TopRightSingularVectors`, torch.linalg.svd forward, a backward that stays finite on
+       rank-deficient maps).
+    2. Singular vectors are defined up to order (close values swap) and sign. The teacher's sign is fixed by
+       a deterministic rule, its entry of largest magnitude positive (:func:`kdsvd_fix_sign`); each teacher
+       vector then takes the student candidate with the largest |cosine|, and that student vector's sign is
+       flipped to make the cosine >= 0 (:func:`kdsvd_align`), so the student follows the teacher's convention.
+    3. Both sides' vectors are multiplied by the teacher's top-k singular values normalised to unit L2 norm
+       (no gradient), so dominant directions count more.
+    4. For a pair of layers, ``G[i, j, m] = exp(-(v^l_{im} - v^(l+1)_{jm})^2 / sigma)``, sigma = 8, for every
+       channel i of layer l, channel j of layer l+1 and vector m (:func:`kdsvd_rbf`); the student's G is
+       matched to the teacher's in squared L2. ``k`` per pair is at most the rank of each of its four maps.
+
+    Where the definition comes from. Steps 1 to 4 are those of the authors' code released with the paper
+    (sseung0703/SSKD_SVD), of the first author's later reimplementation (sseung0703/KD_methods_with_TF,
+    ``KD_SVD``) and of RepDistiller's port (the paper's full text was not available to us); where they
+    differ we chose:
+
+    - candidates and k: ``k + 1`` student candidates as the authors' code (sseung0703/SSKD_SVD decomposes
+      ``num_DFV + 1`` vectors; RepDistiller's port ``k + 3``; KD_methods_with_TF ``K`` on both sides);
+      ``k = 1`` as the authors' code and RepDistiller (KD_methods_with_TF uses 4);
+    - sign: the student is flipped to the teacher, as KD_methods_with_TF (``Align_rsv``) and RepDistiller; the
+      authors' first code flips the teacher's copy instead. The references keep the teacher's sign as their
+      SVD routine returns it; since the relation between two layers depends on the relative sign of their
+      vectors, the target would then depend on the routine (CPU LAPACK and cuSOLVER differ) and could flip
+      from step to step, so we fix it by the rule of step 2 (an addition of ours);
+    - singular-value weighting (step 3): the authors' code and RepDistiller (KD_methods_with_TF leaves it out);
+    - reduction: the sum over the relation entries, mean over the batch (RepDistiller's ``/ bsz``; the authors'
+      code sums the batch too and multiplies by ``sqrt(k) / 2``, KD_methods_with_TF sums the batch), so the
+      weight does not depend on the batch size.
+
+    Not reproduced: both TensorFlow codes train with the distillation gradient of every variable clipped to
+    the norm of its cross-entropy gradient, times a sigmoid ramp over the first epochs. That is an optimiser
+    rule (two separate gradients per parameter), not a loss, so it has no place in a loss term here (as in
+    RepDistiller's port); the term weight sets the balance instead.
+    """
+
+    def __init__(self, k: int = 1, sigma: float = 8.0):
+        super().__init__()
+        self.k = check_number("k", k, minimum=1, integer=True)
+        self.sigma = check_number("sigma", sigma, minimum=0, exclusive=True)
+
+    def forward(self, student, teacher) -> torch.Tensor:
+        s_list, t_list = _check_pairs("kdsvd", student, teacher)
+        if len(s_list) < 2:
+            raise DistillationError(
+                f"kdsvd: relates consecutive layers, so it needs at least 2 taps per side, got {len(s_list)}; list the "
+                "stage ends, e.g. `student: [layer1, layer2, layer3]`"
+            )
+        xs = [_positions_by_channels(s, "kdsvd") for s in s_list]  # [B, N_l, C_l]
+        xt = [_positions_by_channels(t, "kdsvd").detach() for t in t_list]
+        for i, (x_s, x_t) in enumerate(zip(xs, xt)):
+            if x_s.shape[2] != x_t.shape[2]:
+                raise DistillationError(
+                    f"kdsvd: layer {i} has {x_s.shape[2]} student but {x_t.shape[2]} teacher channels; the relations "
+                    "compare channels one to one, so add `adapter: conv1x1` to the term (or tap layers of equal width)"
+                )
+        ranks_s = [min(x.shape[1], x.shape[2]) for x in xs]
+        ranks_t = [min(x.shape[1], x.shape[2]) for x in xt]
+        # Each layer's decomposition once: teacher's top k, student's top k + 1 candidates.
+        top_t = [kdsvd_top_vectors(x, min(self.k, r)) for x, r in zip(xt, ranks_t)]
+        top_s = [kdsvd_top_vectors(x, min(self.k + 1, r)) for x, r in zip(xs, ranks_s)]
+        loss = xs[0].new_zeros(())
+        for l in range(len(xs) - 1):
+            k = min(self.k, ranks_s[l], ranks_s[l + 1], ranks_t[l], ranks_t[l + 1])
+            dfv_s, dfv_t = [], []
+            for layer in (l, l + 1):
+                v_t, sigma_t = top_t[layer]
+                v_t, sigma_t = kdsvd_fix_sign(v_t[:, :, :k]), sigma_t[:, :k]
+                v_s = kdsvd_align(top_s[layer][0][:, :, : k + 1], v_t)  # [B, C, k]
+                weight = F.normalize(sigma_t, dim=1).unsqueeze(1)  # [B, 1, k], unit norm over the k values
+                dfv_s.append(v_s * weight)
+                dfv_t.append(v_t * weight)
+            g_s = kdsvd_rbf(dfv_s[0], dfv_s[1], self.sigma)  # [B, C_l, C_l+1, k]
+            g_t = kdsvd_rbf(dfv_t[0], dfv_t[1], self.sigma)
+            loss = loss + (g_s - g_t).pow(2).flatten(1).sum(1).mean()
         return loss
