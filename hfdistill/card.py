@@ -5,7 +5,9 @@ and returns a ``huggingface_hub.ModelCard`` whose metadata has been validated by
 ``library_name``, ``pipeline_tag``, ``tags``, ``datasets``, ``license`` (the teacher's, where known),
 ``base_model`` and a ``model-index`` with the evaluation results. The body (``templates/modelcard.md``)
 names the teacher and student, each recipe term with its weight and paper (from the loss registry),
-the compression, teacher vs student metrics, the command to reproduce and how to load it.
+the compression, teacher vs student metrics, the command to reproduce and how to load it. A student trained
+with peers (DML) lists them and their metrics beside its own (``peers``); a peer's own card says whose
+peer it is (``peer_of``).
 
 :func:`write_model_card` writes ``README.md`` plus ``distill_results.json``, the same values as data
 (the metrics travel with the student, and ``hfdistill push`` can re-render the card for another repo).
@@ -282,6 +284,8 @@ def build_model_card(
     latency_setup: str | None = None,
     command: str | None = None,
     training_hyperparameters: Mapping[str, Any] | None = None,
+    peers: list[Mapping[str, Any]] | None = None,
+    peer_of: str | None = None,
     **unused: Any,
 ):
     """The model card of a distilled student, as a validated ``huggingface_hub.ModelCard``.
@@ -303,6 +307,10 @@ def build_model_card(
             (``"on an H100, batch 64, bf16"``).
         command: the command that reproduces the run (default: ``hfdistill train distill_recipe.yaml``).
         training_hyperparameters: a few TrainingArguments values to show.
+        peers: the networks trained together with this student (DML's peers), each ``{"name", "folder",
+            "metrics"}`` (``folder`` relative to this folder's parent; ``metrics`` as ``student_metrics``):
+            a column of the results table each, and a section saying where they are.
+        peer_of: for a peer's own card, the name of the student it was trained with.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -353,8 +361,12 @@ def build_model_card(
         compression_rows.append(["Latency", f"{teacher_latency_ms:.2f} ms" if teacher_latency_ms else "-",
                                  f"{student_latency_ms:.2f} ms" if student_latency_ms else "-",
                                  _ratio(teacher_latency_ms, student_latency_ms, "faster")])
-    names = list(dict.fromkeys([*student_eval, *teacher_eval]))
-    results_rows = [[m, format_metric(teacher_eval.get(m)), format_metric(student_eval.get(m))] for m in names]
+    peer_list = [dict(peer) for peer in peers or []]
+    peer_evals = [split_metrics(peer.get("metrics"))[0] for peer in peer_list]
+    names = list(dict.fromkeys([*student_eval, *teacher_eval, *(m for values in peer_evals for m in values)]))
+    results_rows = [[m, format_metric(teacher_eval.get(m)), format_metric(student_eval.get(m)),
+                     *(format_metric(values.get(m)) for values in peer_evals)] for m in names]
+    results_header = ["Metric", "Teacher", "Student", *(f"Peer `{peer['name']}`" for peer in peer_list)]
     hyper_rows = [[f"`{k}`", str(v)] for k, v in (training_hyperparameters or {}).items() if v is not None]
 
     snippet_input = EXAMPLE_INPUT.get(pipeline_tag or "", '"..."')
@@ -371,7 +383,7 @@ def build_model_card(
         "papers": papers,
         "compression_table": _table(["", "Teacher", "Student", "Ratio"], compression_rows) if compression_rows else None,
         "latency_setup": latency_setup,
-        "results_table": _table(["Metric", "Teacher", "Student"], results_rows) if results_rows else None,
+        "results_table": _table(results_header, results_rows) if results_rows else None,
         "pipeline_tag": pipeline_tag,
         "pipeline_snippet": f'{variable} = pipeline("{pipeline_tag}", model="{model_id}")\n{variable}({snippet_input})',
         "library_name": library_name,
@@ -381,10 +393,50 @@ def build_model_card(
         "versions": _versions(),
     }
     card = ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **template_values)
+    if peer_of:
+        card.text = _insert_before(card.text, "## How it was distilled", _peer_of_text(model_id, peer_of))
+    if peer_list:
+        card.text = _insert_before(card.text, "## How to use",
+                                   _peers_section(peer_list, peer_evals, pipeline_tag, variable))
     card.text = re.sub(r"\n{3,}", "\n\n", card.text).strip() + "\n"  # jinja blocks leave blank runs
     # Parse back what we wrote: the metadata must survive a round trip through ModelCardData.
     ModelCard(str(card))
     return card
+
+
+def _insert_before(text: str, heading: str, block: str) -> str:
+    """``block`` as its own paragraph before the line ``heading`` (at the end when the text has no such line)."""
+    marker = f"\n{heading}\n"
+    if marker in text:
+        return text.replace(marker, f"\n{block}\n\n{heading}\n", 1)
+    return f"{text.rstrip()}\n\n{block}\n"
+
+
+def _peer_of_text(model_id: str, peer_of: str) -> str:
+    return (f"{model_id} is a peer network trained together with the student `{peer_of}` by mutual learning (the "
+            f"recipe's terms, below): it learned the task and from the other networks' predictions at the same time, "
+            "and is a complete student of its own.")
+
+
+def _peers_section(peers: list[dict], evals: list[dict[str, float]], pipeline_tag: str | None, variable: str) -> str:
+    """The section of a student's card that lists the peers trained with it, their metrics and their folders."""
+    metrics = list(dict.fromkeys(m for values in evals for m in values if not m.endswith("loss")))
+    rows = [[f"`{peer['name']}`", f"`{peer.get('folder') or peer['name']}`",
+             *(format_metric(values.get(m)) for m in metrics)] for peer, values in zip(peers, evals)]
+    lines = [
+        "## Peers",
+        "",
+        f"This student was trained together with {len(peers)} peer network{'s' if len(peers) > 1 else ''} of its "
+        "architecture, each learning the task and from the others' predictions. Each peer was saved beside this "
+        "folder as a complete student of its own (weights, config, processor, card), not in this repository.",
+        "",
+        _table(["Peer", "Folder", *metrics], rows),
+    ]
+    if pipeline_tag:
+        folder = peers[0].get("folder") or peers[0]["name"]
+        lines += ["", "A peer loads as this student does:", "", "```python",
+                  f'{variable} = pipeline("{pipeline_tag}", model="{folder}")', "```"]
+    return "\n".join(lines)
 
 
 def write_model_card(output_dir: str | os.PathLike, **values: Any) -> Path:

@@ -10,7 +10,9 @@ A finished student folder (``output_dir``) holds the student as transformers wri
     checkpoint-*/            Trainer checkpoints; each also holds
       distill_state.safetensors  DISTILL_STATE_NAME  adapters' and loss modules' state (never in the student)
 
-A run with a baseline or extra seeds writes sibling folders: :func:`baseline_dir` and :func:`seed_dir`.
+A run with a baseline or extra seeds writes sibling folders: :func:`baseline_dir` and :func:`seed_dir`; the extra
+students a method trains beside the student (DML's peers), each a complete student folder of its own, go to
+:func:`peers_dir` (beside ``output_dir``, never in it: the student folder is what goes to the Hub).
 
 This module imports nothing from hfdistill (and nothing heavy), so every module may use it.
 """
@@ -57,6 +59,15 @@ def baseline_dir(output_dir: str, seed: int | None = None) -> str:
 def seed_dir(output_dir: str, seed: int) -> str:
     """Where the distilled student of an extra seed goes: ``<output_dir>-seed<n>``."""
     return f"{output_dir.rstrip('/')}-seed{seed}"
+
+
+PEERS_SUFFIX = "-peers"
+
+
+def peers_dir(output_dir: str, name: str | None = None) -> str:
+    """Where the extra students trained with the student go: ``<output_dir>-peers/<name>`` (the folder without name)."""
+    base = f"{output_dir.rstrip('/')}{PEERS_SUFFIX}"
+    return base if name is None else os.path.join(base, name)
 
 
 def hub_repo_id(name: str | None) -> str | None:

@@ -15,26 +15,31 @@
    stage, on a copy of the student, with the real datasets and arguments (the dry-run batch checks the
    taps, sizes the adapters and configures the loss modules). Writes nothing; every bad input fails
    here, before anything trains.
-3. **Train** each job in order; each evaluates and saves its model in its own folder. The distilled
+3. **Train** each job in order; each evaluates and saves its model in its own folder, and after its last
+   stage every extra student its loss modules trained (DML's peers: ``extra_students()``) in a folder of its
+   own, evaluated like the student (:func:`save_extra_students`). The distilled
    student's job trains the recipe's stages (:meth:`hfdistill.Recipe.stage_list`) one after another on
    the same student object, each from the previous stage's weights, with the stage's ``training``
    merged over the recipe's; the adapters' and loss modules' state goes from stage to stage (matched by
    term name). A job without a teacher (the teacher's own training, the baseline) is one plain run.
-4. **Summary and card**: size, quality and measured latency of each model, the seeds comparison, the
-   stages; the model card and ``distill_recipe.yaml`` next to the student; then the push, if asked.
+4. **Summary and card**: size, quality and measured latency of each model (peers included), the seeds
+   comparison, the stages; the model card and ``distill_recipe.yaml`` next to the student (and a card in
+   each peer's folder); then the push, if asked (the student folder only).
 
 Folders (``output_dir`` is ``training.output_dir``, default ``runs/<recipe file stem>``)::
 
     <output_dir>/                        the distilled student (its last stage): weights, card, recipe, checkpoints
     <output_dir>-stages/<stage name>/    each earlier stage: its checkpoints while it trains; at its end the
                                          student, distill_state.safetensors and stage_complete.json
+    <output_dir>-peers/<name>/           each extra student trained with the student (DML's peer1, ...): a
+                                         complete student folder (weights, config, processor, card, recipe)
     <output_dir>-baseline/               the student without the teacher (student.baseline)
     <output_dir>-seed<n>/ (-stages/...)  the distilled student of an extra seed (student.baseline_seeds)
     <output_dir>-baseline-seed<n>/       ... and its no-teacher run
     <teacher.name>/                      a teacher trained first (teacher.train_from)
 
-The earlier stages live beside ``output_dir``, not in it, so that the student folder (what goes to the
-Hub) holds only the student.
+The earlier stages and the peers live beside ``output_dir``, not in it, so that the student folder (what goes
+to the Hub) holds only the student.
 
 Resume (``training.resume_from_checkpoint``; the distilled student's job only, as the Trainer's):
 
@@ -94,6 +99,16 @@ class StageRun:
 
 
 @dataclass
+class PeerRun:
+    """An extra student trained with a job's student (a DML peer): its folder, trainer and evaluation metrics."""
+
+    name: str
+    output_dir: str
+    trainer: Any  # a DistillationTrainer of the peer alone (no terms): evaluates, saves and writes its card
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
 class Job:
     """One training run of the plan: the teacher (when it is trained first), a comparison run, the student."""
 
@@ -110,6 +125,7 @@ class Job:
     comparison: str | None = None  # "no teacher" or "distilled"
     seed: int | None = None
     extra_seed: bool = False
+    peers: list[PeerRun] = field(default_factory=list)  # extra students of the last stage (DML's peers)
 
     def model(self) -> Any:
         """The job's LoadedModel, loaded (seeded) on first use."""
@@ -174,6 +190,11 @@ class RunResult:
     def trainer(self) -> Any:
         """The trainer of the saved student (its last stage)."""
         return self.plan.final.trainer
+
+    @property
+    def peers(self) -> list[PeerRun]:
+        """The extra students trained with the saved student (DML's peers), each saved in its own folder."""
+        return self.plan.final.peers
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -628,7 +649,32 @@ def run_job(job: Job, plan: Plan, talk: Callable[[str], None] | None = None) -> 
             carried = {**carried, **distill_state(trainer)}
             if not stage.final and trainer.is_world_process_zero():
                 _complete_stage(stage, carried)
+        if stage.final:
+            job.peers = save_extra_students(stage, trainer)
+            for peer in job.peers:
+                talk(f"--> {peer.name} (trained with the {job.label}) -> {peer.output_dir}")
     return job.metrics
+
+
+def save_extra_students(stage: StageRun, trainer: Any) -> list[PeerRun]:
+    """Evaluate and save every extra student of a job's last stage (``trainer.extra_students()``: DML's peers).
+
+    Each goes to ``<output_dir>-peers/<name>/`` (:func:`hfdistill.outputs.peers_dir`) as a complete student
+    folder, written by the student's own saving code (:meth:`DistillationTrainer.student_trainer`): weights,
+    config, processor, training arguments; its card is written with the student's (:func:`run`). Its
+    training arguments are the stage's, without resume or Hub settings (only the student is pushed).
+    Every process calls this (evaluation is collective); the main one writes.
+    """
+    from .outputs import peers_dir
+
+    peers = []
+    for name, model in trainer.extra_students().items():
+        folder = peers_dir(stage.output_dir, name)
+        peer_trainer = trainer.student_trainer(model, make_args(_training(stage.training, folder, publish=False)))
+        metrics = peer_trainer.evaluate() if peer_trainer.eval_dataset is not None else {}
+        peer_trainer.save_model(folder, _internal_call=True)
+        peers.append(PeerRun(name, folder, peer_trainer, dict(metrics)))
+    return peers
 
 
 def _resolve_recipe(recipe: Recipe | str | os.PathLike, overrides: Any) -> tuple[Recipe, str | None]:
@@ -810,8 +856,19 @@ def _write_card(plan: Plan, command: str | None) -> None:
     )
     if plan.recipe.stages:
         info["stages"] = stage_table(final)
+    main_id = os.path.basename(os.path.abspath(plan.output_dir))
+    if final.peers:  # their metrics beside the student's, and where they are (relative: no local paths)
+        parent = os.path.dirname(os.path.abspath(plan.output_dir))
+        info["peers"] = [{"name": peer.name, "folder": os.path.relpath(os.path.abspath(peer.output_dir), parent),
+                          "metrics": dict(peer.metrics)} for peer in final.peers]
     final.trainer.set_card_info(**info)
     final.trainer.create_model_card()
+    for peer in final.peers:  # each peer's own card: the same recipe and run, its own numbers
+        row = rows.get(peer.name)
+        values = {**info, "peers": None, "stages": None, "peer_of": main_id, "model_id": f"{main_id}-{peer.name}",
+                  "student_latency_ms": row.latency_ms.get(batch) if row is not None and batch else None}
+        peer.trainer.set_card_info(**values)
+        peer.trainer.create_model_card()
 
 
 def stage_table(job: Job) -> list[dict]:
@@ -862,6 +919,12 @@ def summarise(plan: Plan) -> str:
         rows.append(ModelRow(job.label, job.output_dir, count_parameters(model), size_on_disk(model, job.output_dir),
                              {k[len("eval_"):]: v for k, v in job.metrics.items() if k.startswith("eval_")},
                              measure_latency(model, student_inputs), job.output_dir))
+        for peer in job.peers:  # extra students trained with this one (DML's peers): rows of their own
+            model = peer.trainer.student
+            rows.append(ModelRow(peer.name, peer.output_dir, count_parameters(model),
+                                 size_on_disk(model, peer.output_dir),
+                                 {k[len("eval_"):]: v for k, v in peer.metrics.items() if k.startswith("eval_")},
+                                 measure_latency(model, student_inputs), peer.output_dir))
     plan.rows = rows
     metric = plan.task.metric
     lines = [f"Summary ({len(eval_ds)} eval examples; latency measured on this machine, "
@@ -878,6 +941,10 @@ def summarise(plan: Plan) -> str:
             lines.append(f"  {i}. {row['name']}: {terms}, {task_weight}; {row['steps']} steps{result} -> "
                          f"{row['output_dir']}{loaded}")
     lines += _seed_comparison(plan, metric)
+    if final.peers:
+        lines.append("")
+        lines.append(f"Peers trained with the {final.label} (each saved as a student of its own): "
+                     + ", ".join(f"{peer.name} -> {peer.output_dir}" for peer in final.peers))
     lines.append("")
     lines.append("Use the student:")
     if plan.task.inputs == "image" and _input_channels(final.trainer.student) == 1:
@@ -886,9 +953,12 @@ def summarise(plan: Plan) -> str:
         lines.append("   give both models 3 channels, the grey image repeated, to use pipeline())")
         lines.append(f"  from transformers import {plan.task.auto_class}")
         lines.append(f"  model = {plan.task.auto_class}.from_pretrained({plan.output_dir!r})")
+        lines += [f"  {peer.name} = {plan.task.auto_class}.from_pretrained({peer.output_dir!r})" for peer in final.peers]
     else:
         lines.append("  from transformers import pipeline")
         lines.append(f"  classifier = pipeline({plan.task.pipeline_tag!r}, model={plan.output_dir!r})")
+        lines += [f"  {peer.name} = pipeline({plan.task.pipeline_tag!r}, model={peer.output_dir!r})"
+                  for peer in final.peers]
     return "\n".join(lines)
 
 

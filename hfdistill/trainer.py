@@ -353,6 +353,46 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             metrics.update({f"{prefix}_{k}": v for k, v in computed.items()})
         return metrics
 
+    # ------------------------------------------------------------------ students beside the student
+    def extra_students(self) -> dict[str, nn.Module]:
+        """Models the loss modules train beside the student and publish as students of their own (DML's peers).
+
+        A loss module offers them with ``extra_students() -> {name: model}`` (models of the student's class:
+        a timm model for a timm student). Names are kept as the module gives them when one term has extra
+        students, and prefixed with the term's name (``<term>_<name>``) when several terms do.
+        """
+        offered = {name: module.extra_students() for name, module in self.model.losses.items()
+                   if callable(getattr(module, "extra_students", None))}
+        offered = {term: models for term, models in offered.items() if models}
+        if len(offered) == 1:
+            return dict(next(iter(offered.values())))
+        return {f"{term}_{name}": model for term, models in offered.items() for name, model in models.items()}
+
+    def student_trainer(self, model: nn.Module, args: DistillationConfig) -> "DistillationTrainer":
+        """A trainer for another model of the student's kind (an extra student): no teacher, no terms.
+
+        It has this trainer's datasets, collator, processor, metrics and label names, so its ``evaluate()``,
+        ``save_model()`` and ``create_model_card()`` do for ``model`` exactly what they do for the student
+        (a timm model is saved through ``TimmWrapperForImageClassification``, with the student's label names
+        and creation arguments, read from its config). ``args`` give its ``output_dir``.
+        """
+        collator = self.data_collator
+        if isinstance(collator, IndexedCollator):  # the index is for loss state; this trainer has no terms
+            collator = collator.collator
+        config = self.student.config
+        return DistillationTrainer(
+            model=model,
+            recipe=Recipe(),
+            args=args,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            data_collator=collator,
+            processing_class=self.processing_class,
+            compute_metrics=self.compute_metrics,
+            id2label=dict(getattr(config, "id2label", None) or {}) or None,
+            timm_model_args=getattr(config, "model_args", None),
+        )
+
     # ------------------------------------------------------------------ saving / loading
     def distill_state(self) -> dict[str, torch.Tensor]:
         """Adapters' and loss modules' state (never in the saved student), e.g. to carry into the next stage."""

@@ -280,3 +280,81 @@ def test_resume_true_with_nothing_to_resume_is_bad_input(tmp_path, capsys):
     path = write(tmp_path, two_stage_recipe(tmp_path))
     assert main(["check", path, "--training.resume_from_checkpoint", "true"]) == 2
     assert "nothing to resume" in " ".join(capsys.readouterr().err.split())
+
+
+# ------------------------------------------------------------------------------ extra students (DML's peers)
+def dml_recipe(tmp_path, peers: int = 2) -> dict:
+    """Mutual learning without a teacher: the student and `peers` networks of its architecture."""
+    recipe = tiny_recipe(tmp_path, teacher=None, terms=[{"loss": "dml", "weight": 1.0, "params": {"peers": peers}}])
+    recipe["student"] = {"name": "timm:test_resnet"}
+    recipe["data"].update(augment="none", image_size=8)
+    return recipe
+
+
+def test_dml_saves_every_peer_as_a_loadable_student(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoModelForImageClassification, pipeline
+
+    result = hfdistill.run(hfdistill.Recipe.from_dict(dml_recipe(tmp_path)), print_summary=False)
+    student = Path(result.output_dir)
+    peers_root = tmp_path / "out" / "student-peers"
+    assert [(p.name, p.output_dir) for p in result.peers] == [("peer1", str(peers_root / "peer1")),
+                                                             ("peer2", str(peers_root / "peer2"))]
+    assert not (student / "peers").exists() and not any("peer" in f.name for f in student.iterdir())
+    image = Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype("uint8"))
+    weights = {"student": _weights(student)}
+    for peer in result.peers:
+        folder = Path(peer.output_dir)
+        for name in ("config.json", "model.safetensors", "README.md", "distill_recipe.yaml", "all_results.json"):
+            assert (folder / name).is_file(), (folder, name)
+        assert "eval_accuracy" in peer.metrics
+        predictions = pipeline("image-classification", model=str(folder))(image)
+        assert predictions and {p["label"] for p in predictions} <= {str(i) for i in range(10)}
+        model = AutoModelForImageClassification.from_pretrained(str(folder))
+        assert model.config.id2label == AutoModelForImageClassification.from_pretrained(str(student)).config.id2label
+        card = (folder / "README.md").read_text()
+        assert "peer network trained together with the student `student`" in card
+        weights[peer.name] = _weights(folder)
+    assert weights["peer1"].keys() == weights["student"].keys()
+    assert not torch.equal(weights["peer1"]["fc.weight"], weights["student"]["fc.weight"])
+    assert not torch.equal(weights["peer1"]["fc.weight"], weights["peer2"]["fc.weight"])
+    # The summary and the student's card show every peer beside the student.
+    table = result.summary.split("Summary")[1].splitlines()
+    for name in ("peer1", "peer2"):
+        assert any(line.startswith(f"{name} ") and "student-peers" in line for line in table), name
+        assert f"pipeline('image-classification', model='{peers_root / name}')" in result.summary
+    card = (student / "README.md").read_text()
+    assert "| Metric | Teacher | Student | Peer `peer1` | Peer `peer2` |" in card
+    assert "## Peers" in card and "`student-peers/peer2`" in card and str(tmp_path) not in card
+    results = json.loads((student / "distill_results.json").read_text())
+    assert [p["name"] for p in results["peers"]] == ["peer1", "peer2"]
+
+
+def test_save_extra_students_writes_each_as_a_student_folder(tmp_path, digits):
+    """The saving step alone: a trainer whose loss has peers -> one complete, evaluated student folder each."""
+    from conftest import tiny_timm
+    from test_trainer import make_args
+    from transformers import TimmWrapperForImageClassification
+
+    from hfdistill.trainer import DistillationTrainer
+
+    train, eval_ = digits
+    output_dir = str(tmp_path / "out" / "student")
+    trainer = DistillationTrainer(
+        model=tiny_timm(), recipe={"terms": [{"loss": "dml", "params": {"peers": 2}}]},
+        args=make_args(tmp_path, output_dir=output_dir), train_dataset=train.select(range(32)),
+        eval_dataset=eval_.select(range(16)), compute_metrics=None, id2label={i: f"d{i}" for i in range(10)},
+    )
+    stage = run_module.StageRun(None, 0, output_dir, {"output_dir": output_dir, "use_cpu": True, "report_to": "none",
+                                                       "push_to_hub": True, "hub_model_id": "me/x"}, True)
+    peers = run_module.save_extra_students(stage, trainer)
+    assert [p.name for p in peers] == ["peer1", "peer2"]
+    for peer, module in zip(peers, trainer.model.losses["dml"].peers):
+        assert peer.output_dir == str(tmp_path / "out" / "student-peers" / peer.name)
+        assert "eval_loss" in peer.metrics and not peer.trainer.args.push_to_hub
+        loaded = TimmWrapperForImageClassification.from_pretrained(peer.output_dir)
+        assert loaded.config.id2label[3] == "d3"
+        for key, value in module.state_dict().items():
+            assert torch.equal(loaded.timm_model.state_dict()[key], value), key
+    assert not os.path.exists(output_dir) or not os.listdir(output_dir)  # nothing of theirs in the student's folder
