@@ -3,6 +3,9 @@
     hfdistill train RECIPE.yaml [--dotted.key value ...]   train as the recipe says (hfdistill.run)
     hfdistill check RECIPE.yaml [--dotted.key value ...]   validate, load models and data, build every
                                                           stage's trainer (dry run); train and write nothing
+    hfdistill cache RECIPE.yaml [--output DIR] [--logits_top_k K] [--feature_dtype float16|float32]
+                    [--batch_size N] [--dotted.key value ...]     run the teacher once over the training
+                                                          data and store what the terms read (hfdistill.cache)
     hfdistill losses [--markdown | --update-readme README.md]
     hfdistill push OUTPUT_DIR --hub_model_id USER/NAME
 
@@ -98,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("recipe", help="the recipe YAML file")
     check.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
+    cache = commands.add_parser(
+        "cache", help="run the teacher once over the training data and store its outputs for training",
+        description="Load the recipe's teacher and training data as `train` does, run the teacher once over the "
+        "deterministic (unaugmented) view of every training example and store what the recipe's terms read "
+        "(logits and tapped features) in safetensors shards with a manifest. Train with it by giving the recipe "
+        "`teacher: {cache: DIR}`. An interrupted build resumes; under `accelerate launch` each process writes its "
+        "own shards. " + overrides,
+    )
+    cache.add_argument("recipe", help="the recipe YAML file")
+    cache.add_argument("--output", metavar="DIR", help="the cache folder (default: <training.output_dir>-teacher-cache)")
+    cache.add_argument("--logits_top_k", type=int, metavar="K",
+                       help="store the K largest logits and the remaining probability mass instead of full logits")
+    cache.add_argument("--feature_dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                       help="dtype of the stored features (default float16; logits are always float32)")
+    cache.add_argument("--batch_size", type=int, default=64, metavar="N", help="teacher batch size (default 64)")
+    cache.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     commands.add_parser(
         "push", add_help=False, help="push a finished result folder to the Hub (`hfdistill push --help`)"
     )
@@ -142,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return guarded(lambda: _losses_command(args))
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
+    if args.command == "cache":
+        return guarded(lambda: _cache_command(args, extra))
     if args.command == "check":
         return guarded(lambda: _check_command(args.recipe, extra))
     return guarded(lambda: run(args.recipe, overrides=extra, command=reproduce_command(args.recipe, extra)))
@@ -153,6 +174,16 @@ def _losses_command(args: argparse.Namespace) -> None:
         _print(f"{args.update_readme}: methods table {'updated' if changed else 'already up to date'}")
     else:
         _print(losses_table(markdown=args.markdown))
+
+
+def _cache_command(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .cache import cache_command, cache_usage
+
+    _print(f"building the teacher cache of {args.recipe}")
+    folder = cache_command(args.recipe, overrides, output=args.output, logits_top_k=args.logits_top_k,
+                           feature_dtype=args.feature_dtype, batch_size=args.batch_size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print(cache_usage(folder, args.recipe))
 
 
 def _check_command(recipe_path: str, overrides: list[str]) -> None:

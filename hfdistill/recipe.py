@@ -139,7 +139,10 @@ class TermSpec:
 class ModelSpec:
     """A teacher or student: timm name (`timm:resnet18`), `hf-hub:` timm id, transformers id or local folder."""
 
-    name: str = field(metadata={"help": "timm:<name>, hf-hub:<org>/<name>, a transformers model id, or a local folder"})
+    # Required, except for a teacher read from a cache (`teacher: {cache: DIR}`): _validate_model says so.
+    name: Union[str, None] = field(
+        default=None, metadata={"help": "timm:<name>, hf-hub:<org>/<name>, a transformers model id, or a local folder"}
+    )
     pretrained: Union[bool, None] = field(
         default=None, metadata={"help": "load pretrained weights (default: yes for a teacher, no for a student)"}
     )
@@ -177,6 +180,12 @@ class ModelSpec:
         default=1,
         metadata={"help": "student only, with `baseline`: compare no teacher vs distilled over this many seeds "
                   "(training.seed, +1, ...) and report mean and std; the saved student is the first seed's"},
+    )
+    cache: Union[str, None] = field(
+        default=None,
+        metadata={"help": "teacher only: a folder written by `hfdistill cache` (hfdistill.cache): the teacher's stored "
+                  "outputs are read instead of running it; with `name` (and its loading fields) the model is loaded "
+                  "once to check that the cache is its own"},
     )
 
 
@@ -439,6 +448,10 @@ class Recipe:
 
 def _validate_model(spec: ModelSpec, path: str) -> None:
     """Fields that apply only to transformers models are refused for timm ones (not silently ignored)."""
+    if spec.cache is not None or spec.name is None:
+        _validate_cache_spec(spec, path)
+        if spec.name is None:
+            return
     if not spec.name.strip():
         raise RecipeError(f"{path}.name", "is empty; name a model (`timm:resnet18`, a transformers id or a folder)")
     if spec.name.startswith(("timm:", "hf-hub:")):
@@ -449,6 +462,29 @@ def _validate_model(spec: ModelSpec, path: str) -> None:
                                   f"{spec.name!r}; use {instead}")
     if spec.dtype is not None and spec.dtype not in ("float32", "bfloat16", "float16"):
         raise RecipeError(f"{path}.dtype", f"must be float32, bfloat16 or float16, got {spec.dtype!r}")
+
+
+# Teacher fields that make no sense with `cache:` (the cached outputs fix the teacher, its dtype and its weights).
+CACHE_REFUSED_FIELDS = {
+    "train_from": "a cached teacher is not trained; train it first, then build the cache from it",
+    "train_args": "a cached teacher is not trained",
+    "dtype": "the cache holds the outputs of the dtype it was built with (`training.teacher_dtype` when building)",
+}
+
+
+def _validate_cache_spec(spec: ModelSpec, path: str) -> None:
+    """`cache:` is the teacher's only; `name` is then optional (given, it is checked against the cache)."""
+    if spec.cache is None:
+        raise RecipeError(f"{path}.name", "missing required field (timm:<name>, hf-hub:<org>/<name>, a transformers "
+                          "model id, or a local folder)" + ("; or `cache: DIR` for a cached teacher" if path == "teacher" else ""))
+    if path != "teacher":
+        raise RecipeError(f"{path}.cache", "only the teacher can be read from a cache (`teacher: {cache: DIR}`)")
+    if not str(spec.cache).strip():
+        raise RecipeError(f"{path}.cache", "is empty; give the folder `hfdistill cache` wrote")
+    for key, why in CACHE_REFUSED_FIELDS.items():
+        value = getattr(spec, key)
+        if value not in (None, {}):
+            raise RecipeError(f"{path}.{key}", f"does not go with `cache:`: {why}; remove it")
 
 
 def _validate_data(data: DataSpec) -> None:

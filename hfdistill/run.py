@@ -352,7 +352,12 @@ def plan_run(recipe: Recipe, recipe_path: str | None = None, dataset: Any = None
     jobs: list[Job] = []
     teacher = None
     teacher_folder = None
-    if recipe.teacher is not None:
+    if recipe.teacher is not None and recipe.teacher.cache is not None:  # stored outputs (hfdistill.cache)
+        from .cache import load_cached_teacher
+
+        teacher = load_cached_teacher(recipe, raw, student, task.name, load_model)
+        check_labels(teacher, student, raw.num_labels, raw.label_names)
+    elif recipe.teacher is not None:
         spec = recipe.teacher
         teacher_folder = resolve_model_name(spec, "teacher")
         if spec.train_from is not None and not os.path.isfile(os.path.join(teacher_folder, "config.json")):
@@ -809,7 +814,9 @@ def format_check(report: CheckReport) -> str:
     if plan.teacher is not None:
         first = any(j.label == "teacher" for j in plan.jobs)
         how = f", trained first into {plan.teacher_folder}" if first else ""
-        lines.append(f"teacher: {plan.teacher.name} ({format_count(model_stats(plan.teacher.model)[0])} parameters{how})")
+        cached = getattr(plan.teacher.model, "is_cache", False)  # hfdistill.cache: the count from its manifest
+        params = plan.teacher.model.num_parameters if cached else model_stats(plan.teacher.model)[0]
+        lines.append(f"teacher: {plan.teacher.name} ({format_count(params)} parameters{how})")
     data = final.data
     lines.append(f"data: {recipe.data.name}: {len(data.train)} training and {len(data.eval)} evaluation examples, "
                  f"{len(plan.label_names)} labels")
@@ -903,7 +910,11 @@ def summarise(plan: Plan) -> str:
     student_inputs = {k: v for k, v in batch.items() if not k.startswith("teacher_") and k != "labels"}
     rows = []
     teacher_job = next((j for j in plan.jobs if j.label == "teacher"), None)
-    if plan.teacher is not None:
+    if plan.teacher is not None and getattr(plan.teacher.model, "is_cache", False):  # stored outputs: nothing to time
+        cache = plan.teacher.model
+        rows.append(ModelRow("teacher", plan.teacher.name, cache.num_parameters,
+                             cache.manifest["teacher"].get("weight_bytes"), {}))
+    elif plan.teacher is not None:
         teacher_model = plan.teacher.model
         teacher_batch = final.data.teacher_inputs(batch) if final.data.teacher_inputs is not None else student_inputs
         metrics = {k[len("eval_teacher_"):]: v for k, v in final.metrics.items() if k.startswith("eval_teacher_")}

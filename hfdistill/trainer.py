@@ -147,7 +147,14 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             self.frozen_teacher = Teacher(teacher, teacher_taps, device=self.args.device, dtype=self.args.teacher_dtype,
                                           inputs_fn=teacher_inputs, shared_input_names=shared)
         self.teacher = getattr(self.frozen_teacher, "model", None)
-        if "index" in self._loss_field_names:
+        # A cache of teacher outputs (hfdistill.cache) reads rows by example index: every training batch
+        # carries it; the cache refuses terms that need the live teacher, taps it lacks, data of another size.
+        self._teacher_is_cache = bool(getattr(self.frozen_teacher, "is_cache", False))
+        if self._teacher_is_cache:
+            self.frozen_teacher.prepare(distill.terms, self.train_dataset, teacher_inputs,
+                                        self._student_input_names - set(self.label_names))
+        self._needs_index = "index" in self._loss_field_names or self._teacher_is_cache
+        if self._needs_index:
             # Losses with per-example state (CRD's memory bank) read each example's dataset index.
             self.data_collator = IndexedCollator(self.data_collator)
         self.loss_contexts = {}
@@ -171,7 +178,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
-        if is_training and "index" in self._loss_field_names and not isinstance(dataset, torch.utils.data.IterableDataset):
+        if is_training and self._needs_index and not isinstance(dataset, torch.utils.data.IterableDataset):
             if isinstance(dataset, datasets.Dataset):
                 dataset = self._remove_unused_columns(dataset, description=description)
             dataset = IndexedDataset(dataset)
@@ -194,7 +201,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         if isinstance(dataset, torch.utils.data.IterableDataset):
             examples = [example for example, _ in zip(dataset, range(self.args.dry_run_examples))]
         else:
-            indexed = IndexedDataset(dataset) if "index" in self._loss_field_names else dataset
+            indexed = IndexedDataset(dataset) if self._needs_index else dataset
             examples = [indexed[i] for i in range(min(self.args.dry_run_examples, len(dataset)))]
         return self._prepare_inputs(self.data_collator(examples))
 
@@ -208,6 +215,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             columns |= {TEACHER_INPUT_PREFIX + name for name in teacher_names}
             columns |= {TEACHER_INPUT_PREFIX + name for name in ("pixel_values", "input_ids", "attention_mask")}
             columns |= set(self._loss_field_names)
+            if getattr(self, "_needs_index", False):  # a cache teacher reads rows by index (kept by the collator)
+                columns.add("index")
             self._signature_columns = sorted(columns)
 
     # ------------------------------------------------------------------ the loss
@@ -323,6 +332,10 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self._teacher_is_cache and self.args.evaluate_teacher and not getattr(self, "_cache_eval_noted", False):
+            self._cache_eval_noted = True  # the cache holds training examples only
+            logger.info("The teacher is a cache of its outputs on the training data: no teacher evaluation "
+                        "(eval_teacher_*); evaluate the teacher model itself to report it.")
         if self.teacher is not None and self.args.evaluate_teacher and self.label_names:
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
             key = f"{metric_key_prefix}:{id(dataset)}"
