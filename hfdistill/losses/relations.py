@@ -626,49 +626,56 @@ def _positions_by_channels(x: torch.Tensor, name: str) -> torch.Tensor:
 class _TopRightSingularVectors(torch.autograd.Function):
     """The top-``k`` right singular vectors of ``X`` ([B, N, C] -> V_k [B, C, k], with the singular values [B, k]).
 
-    Forward: ``torch.linalg.svd`` of ``X`` (in float64, full right basis). Backward: the derivative of each
-    top vector ``v_i`` (an eigenvector of ``A = X^T X`` with eigenvalue ``lambda_i = sigma_i^2``),
+    Forward: the thin ``torch.linalg.svd`` of ``X`` in float64 (``V_r`` [B, C, r], r = min(N, C); ``k <= r``).
+    Backward: the derivative of each top vector ``v_i`` (an eigenvector of ``A = X^T X`` with eigenvalue
+    ``lambda_i = sigma_i^2``),
 
         ``dv_i = sum_{j != i} v_j v_j^T dA v_i / (lambda_i - lambda_j)``,  ``dA = dX^T X + X^T dX``,
 
-    summed over the *full* eigenbasis of A (the null space included, where ``lambda_j = 0``), which gives
-    ``dL/dX = X (G + G^T)`` with ``G = sum_{i <= k, j} [v_j . g_i / (lambda_i - lambda_j)] v_j v_i^T``. This is
-    exactly the gradient torch's SVD backward computes for a loss of the top vectors, except that torch also
-    divides the (zero) coupling of equal *unused* singular values by zero and returns NaN for every map with
-    repeated singular values among its unused ones, e.g. a rank-deficient map (dead ReLU channels, repeated
-    positions); here only the used vectors appear in denominators. Equal top singular values (an undefined derivative) give a zero contribution,
-    as the reference code zeroes non-finite coefficients. The singular values are returned without gradient.
+    summed over the *full* eigenbasis of A: the r vectors of ``V_r`` and the null space of X, where
+    ``lambda_j = 0``, whose part is ``(I - V_r V_r^T) g_i / lambda_i`` (no basis of it needed). With
+    ``G = sum_i [sum_{j <= r} (v_j . g_i / (lambda_i - lambda_j)) v_j + (I - V_r V_r^T) g_i / lambda_i] v_i^T``,
+    ``dL/dX = X (G + G^T)``, computed as products of thin matrices (never the C x C matrix G: at C = 512 and a
+    batch of 128 that would be 268 MB and O(C^3) per example). This is exactly the gradient torch's SVD
+    backward computes for a loss of the top vectors, except that torch also divides the (zero) coupling of
+    equal *unused* singular values by zero and returns NaN for every map with repeated singular values among
+    its unused ones, e.g. a rank-deficient map (dead ReLU channels, repeated positions); here only the used
+    vectors appear in denominators. Equal top singular values (an undefined derivative) give a zero
+    contribution, as the reference code zeroes non-finite coefficients. The singular values are returned
+    without gradient.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: int):
         x64 = x.detach().double()
-        _, s, vh = torch.linalg.svd(x64, full_matrices=True)  # s [B, r], vh [B, C, C]
-        v_full = vh.transpose(1, 2)  # [B, C, C], columns sorted by singular value
-        lam = x64.new_zeros(x.shape[0], x.shape[2])
-        lam[:, : s.shape[1]] = s.pow(2)  # eigenvalues of X^T X, zeros for the null space
-        ctx.save_for_backward(x64, v_full, lam)
+        _, s, vh = torch.linalg.svd(x64, full_matrices=False)  # s [B, r], vh [B, r, C]
+        v_r = vh.transpose(1, 2)  # [B, C, r], columns sorted by singular value
+        lam = s.pow(2)  # [B, r]: the non-zero part of X^T X's spectrum (zeros where X is rank-deficient)
+        ctx.save_for_backward(x64, v_r, lam)
         ctx.k = k
         sigma = s[:, :k].to(x.dtype)
         ctx.mark_non_differentiable(sigma)
-        return v_full[:, :, :k].to(x.dtype), sigma
+        return v_r[:, :, :k].to(x.dtype), sigma
 
     @staticmethod
     def backward(ctx, grad_v: torch.Tensor, grad_sigma: torch.Tensor):
-        x64, v_full, lam = ctx.saved_tensors
+        x64, v_r, lam = ctx.saved_tensors
         k = ctx.k
         if grad_v is None:
             return None, None
         g = grad_v.double()  # [B, C, k]
-        proj = v_full.transpose(1, 2) @ g  # [B, C (j), k (i)]: v_j . g_i
-        gap = lam[:, :k].unsqueeze(1) - lam.unsqueeze(2)  # [B, C (j), k (i)]: lambda_i - lambda_j
-        coef = proj / gap
+        v_k, lam_k = v_r[:, :, :k], lam[:, :k]  # [B, C, k], [B, k]
+        proj = v_r.transpose(1, 2) @ g  # [B, r (j), k (i)]: v_j . g_i
+        coef = proj / (lam_k.unsqueeze(1) - lam.unsqueeze(2))  # / (lambda_i - lambda_j)
         same = torch.zeros_like(coef, dtype=torch.bool)
         diagonal = torch.arange(k, device=coef.device)
         same[:, diagonal, diagonal] = True  # j == i: no term
         coef = torch.where(same | ~torch.isfinite(coef), torch.zeros_like(coef), coef)
-        g_a = v_full @ coef @ v_full[:, :, :k].transpose(1, 2)  # [B, C, C]
-        grad_x = x64 @ (g_a + g_a.transpose(1, 2))
+        null = (g - v_r @ proj) / lam_k.unsqueeze(1)  # [B, C, k]: (I - V_r V_r^T) g_i / lambda_i
+        null = torch.where(torch.isfinite(null), null, torch.zeros_like(null))
+        left = v_r @ coef + null  # [B, C, k]: G = left @ V_k^T
+        # X (G + G^T) = (X left) V_k^T + (X V_k) left^T
+        grad_x = (x64 @ left) @ v_k.transpose(1, 2) + (x64 @ v_k) @ left.transpose(1, 2)
         return grad_x.to(grad_v.dtype), None
 
 
