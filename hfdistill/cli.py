@@ -27,7 +27,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import BadInputError, HubError, RecipeError
+from .errors import BadInputError, HfdistillError, HubError, RecipeError
 from .outputs import RECIPE_NAME as RECIPE_FILE_NAME  # noqa: F401 - kept for callers of the old name
 from .recipe import apply_overrides, load_recipe, parse_overrides  # noqa: F401 - the CLI's overrides, re-exported
 from .run import RunInterrupted, run, run_recipe  # noqa: F401 - run_recipe: the public API of before
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("recipe", help="the recipe YAML file")
     train.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier result in the output folder (training.overwrite_output_dir)")
     check = commands.add_parser(
         "check", help="check a recipe without training: models, data, every stage's dry run",
         description="Validate a recipe, load its models and data and build the trainer of every stage (the "
@@ -165,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return guarded(lambda: _cache_command(args, extra))
     if args.command == "check":
         return guarded(lambda: _check_command(args.recipe, extra))
+    if getattr(args, "overwrite", False):
+        extra = [*extra, "--training.overwrite_output_dir", "true"]
     return guarded(lambda: run(args.recipe, overrides=extra, command=reproduce_command(args.recipe, extra)))
 
 
@@ -204,6 +208,9 @@ def guarded(action: Callable[[], Any]) -> int:
         # A model id that cannot be had is bad input; a push that failed left the local result complete.
         _error(str(exc))
         return EXIT_BAD_INPUT if exc.is_bad_input else EXIT_ERROR
+    except HfdistillError as exc:  # a failure hfdistill explains itself (training diverged): no traceback needed
+        _error(str(exc))
+        return EXIT_ERROR
     except RunInterrupted as stop:
         print(stop.hint(), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

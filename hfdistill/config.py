@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 @dataclass
@@ -41,6 +42,17 @@ class DistillationConfig(TrainingArguments):
     lr_decay_rate: float = field(
         default=0.1, metadata={"help": "Factor applied at each of `lr_decay_epochs`, in (0, 1]."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Let `hfdistill train` replace an earlier result in output_dir (its checkpoints are "
+                  "removed before training). Without it such a folder is refused. (`hfdistill train --overwrite`.)"},
+    )
+    nonfinite: str = field(
+        default="stop",
+        metadata={"help": "What a non-finite (NaN or inf) loss term, total loss or gradient norm does: `stop` "
+                  "training with a message naming the term and the step (the last checkpoint stays the newest "
+                  "result), or `skip` the optimiser step (counted in the logs as `nonfinite_steps`)."},
+    )
     dry_run_examples: int = field(
         default=2,
         metadata={"help": "Training examples in the dry-run forward that sizes adapters and checks taps."},
@@ -67,5 +79,7 @@ class DistillationConfig(TrainingArguments):
                 raise ValueError("DistillationConfig.lr_decay_epochs counts epochs: use num_train_epochs, not max_steps")
         if not 0 < self.lr_decay_rate <= 1:
             raise ValueError(f"DistillationConfig.lr_decay_rate must be in (0, 1], got {self.lr_decay_rate}")
+        if self.nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"DistillationConfig.nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}, got {self.nonfinite!r}")
         if self.dry_run_examples < 1:
             raise ValueError(f"DistillationConfig.dry_run_examples must be >= 1, got {self.dry_run_examples}")

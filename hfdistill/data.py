@@ -19,7 +19,9 @@ resolution, and other datasets get a batched ``with_transform``; both are read t
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,6 +414,12 @@ class ImageTransform:
 
     Accepts a uint8 tensor ``[B, C, H, W]`` or a list of images (PIL, arrays); returns float
     ``[B, channels, H, W]`` normalised with the model's mean and std.
+
+    Augmentation is drawn per image from a seed made of the image's content, the epoch and the training
+    seed, once :meth:`set_augmentation_epoch` was called (the trainer does at every epoch): the same example gets
+    the same crop and flip in the same epoch whatever the batch order, the worker or an interruption, so a
+    run resumed mid-epoch sees exactly what an uninterrupted one saw. Before any ``set_augmentation_epoch`` it
+    draws from torch's global random stream.
     """
 
     def __init__(self, image: ImageConfig, train: bool, augment: str = "none"):
@@ -420,37 +428,83 @@ class ImageTransform:
         self.augment = augment if train else "none"
         self.mean = torch.tensor(image.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(image.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.epoch: int | None = None
+        self.seed = 0
 
-    def _from_list(self, images: Sequence[Any]) -> torch.Tensor:
+    def set_augmentation_epoch(self, epoch: int, seed: int = 0) -> None:
+        """Draw augmentations for ``epoch`` of a run with training seed ``seed`` (per image, reproducibly)."""
+        self.epoch, self.seed = int(epoch), int(seed)
+
+    def _generators(self, images: Sequence[torch.Tensor]) -> list[torch.Generator] | None:
+        """One generator per image, seeded by (content, epoch, seed); None before set_augmentation_epoch."""
+        if self.epoch is None:
+            return None
+        generators = []
+        for image in images:
+            digest = hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=8,
+                                     key=f"{self.epoch}:{self.seed}".encode()).digest()
+            generators.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
+        return generators
+
+    def _from_list(self, images: Sequence[Any], generators: list[torch.Generator] | None) -> torch.Tensor:
+        tensors = [_to_uint8_tensor(img, self.image.channels) for img in images]
         if self.augment == "rrc_flip":
             from torchvision.transforms import v2
 
             crop = v2.RandomResizedCrop(self.image.size, antialias=True)
-            tensors = [crop(_to_uint8_tensor(img, self.image.channels)) for img in images]
+            cropped = []
+            for i, t in enumerate(tensors):
+                with _seeded(generators[i] if generators else None):
+                    cropped.append(crop(t))
+            tensors = cropped
         else:
-            tensors = [_resize(_to_uint8_tensor(img, self.image.channels)[None], self.image.size)[0] for img in images]
+            tensors = [_resize(t[None], self.image.size)[0] for t in tensors]
         return torch.stack([_match_channels(t[None], self.image.channels)[0] for t in tensors])
 
     def __call__(self, images: torch.Tensor | Sequence[Any]) -> torch.Tensor:
+        augmenting = self.augment != "none"
         if isinstance(images, torch.Tensor):
+            generators = self._generators(list(images)) if augmenting else None
             x = _resize(images, self.image.size, self.image.interpolation)
         else:
-            x = self._from_list(images)
+            if augmenting and self.epoch is not None:
+                generators = self._generators([_to_uint8_tensor(img, self.image.channels) for img in images])
+            else:
+                generators = None
+            x = self._from_list(images, generators)
         x = _match_channels(x.float() / 255.0, self.image.channels)
         if self.augment in ("crop", "crop_flip"):
-            x = _random_crop(x, padding=max(1, self.image.size[0] // 8))
+            x = _random_crop(x, padding=max(1, self.image.size[0] // 8), generators=generators)
         if self.augment in ("crop_flip", "rrc_flip"):
-            flip = torch.rand(x.shape[0]) < 0.5
+            if generators is None:
+                flip = torch.rand(x.shape[0]) < 0.5
+            else:
+                flip = torch.cat([torch.rand(1, generator=g) for g in generators]) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return (x - self.mean) / self.std
 
 
-def _random_crop(x: torch.Tensor, padding: int) -> torch.Tensor:
+@contextlib.contextmanager
+def _seeded(generator: torch.Generator | None):
+    """torch's global random stream.seeded from ``generator`` for the duration (torchvision draws from it)."""
+    if generator is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        yield
+
+
+def _random_crop(x: torch.Tensor, padding: int, generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """Zero-pad by ``padding`` and crop back at a random offset per image (the CIFAR recipe)."""
     batch, _, height, width = x.shape
     padded = F.pad(x, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (batch,)).tolist()
-    dx = torch.randint(0, 2 * padding + 1, (batch,)).tolist()
+    if generators is None:
+        dy = torch.randint(0, 2 * padding + 1, (batch,)).tolist()
+        dx = torch.randint(0, 2 * padding + 1, (batch,)).tolist()
+    else:
+        offsets = [torch.randint(0, 2 * padding + 1, (2,), generator=g).tolist() for g in generators]
+        dy, dx = [o[0] for o in offsets], [o[1] for o in offsets]
     return torch.stack([padded[i, :, y:y + height, x0:x0 + width] for i, (y, x0) in enumerate(zip(dy, dx))])
 
 
@@ -473,10 +527,16 @@ class ArrayImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
 
+    def set_augmentation_epoch(self, epoch: int, seed: int = 0) -> None:
+        self.transform.set_augmentation_epoch(epoch, seed)
+
 
 class _DatasetImageTransform:
     def __init__(self, transform: ImageTransform, image_column: str, label_column: str):
         self.transform, self.image_column, self.label_column = transform, image_column, label_column
+
+    def set_augmentation_epoch(self, epoch: int, seed: int = 0) -> None:
+        self.transform.set_augmentation_epoch(epoch, seed)
 
     def __call__(self, batch: dict) -> dict:
         return {

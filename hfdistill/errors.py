@@ -63,6 +63,11 @@ class ResultFolderError(BadInputError):
     """A folder given as a finished result (``hfdistill push``) that is not one."""
 
 
+class TrainingDivergedError(HfdistillError, RuntimeError):
+    """Training produced a non-finite (NaN or inf) loss, gradient or weight; it stopped, and nothing
+    non-finite was saved as a result. The message names the term and the step."""
+
+
 class HubError(HfdistillError, RuntimeError):
     """Something on the Hub side failed; the message says what and what to do.
 

@@ -9,6 +9,8 @@ A finished student folder (``output_dir``) holds the student as transformers wri
     all_results.json         ALL_RESULTS_NAME   Trainer metrics (training and last evaluation)
     checkpoint-*/            Trainer checkpoints; each also holds
       distill_state.safetensors  DISTILL_STATE_NAME  adapters' and loss modules' state (never in the student)
+      checkpoint_complete.json   CHECKPOINT_COMPLETE_NAME  written last: the checkpoint is whole (resume reads
+                                 only such checkpoints; a run killed while writing one leaves it without)
 
 A run with a baseline or extra seeds writes sibling folders: :func:`baseline_dir` and :func:`seed_dir`; the extra
 students a method trains beside the student (DML's peers), each a complete student folder of its own, go to
@@ -19,6 +21,7 @@ This module imports nothing from hfdistill (and nothing heavy), so every module 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -29,6 +32,8 @@ ALL_RESULTS_NAME = "all_results.json"
 EVAL_RESULTS_NAME = "eval_results.json"
 DISTILL_STATE_PREFIX = "distill_state"
 DISTILL_STATE_NAME = f"{DISTILL_STATE_PREFIX}.safetensors"
+CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 # The student's weight files, as transformers names them (single file or shards with an index).
 STUDENT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -105,3 +110,71 @@ def remove_empty_folders(folders: list[str]) -> None:
                 os.rmdir(folder)
         except OSError:
             return
+
+
+# ---- checkpoints: complete ones only ----
+def mark_checkpoint_complete(folder: str, step: int) -> None:
+    """Mark a checkpoint folder complete (call after everything else in it is written)."""
+    path = os.path.join(folder, CHECKPOINT_COMPLETE_NAME)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        json.dump({"step": int(step)}, f)
+    os.replace(f"{path}.tmp", path)
+
+
+def checkpoints(folder: str) -> list[tuple[int, str, bool]]:
+    """``(step, path, complete)`` of every ``checkpoint-N`` in ``folder``, by step."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = CHECKPOINT_PATTERN.match(name)
+        path = os.path.join(folder, name)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path, os.path.isfile(os.path.join(path, CHECKPOINT_COMPLETE_NAME))))
+    return sorted(found)
+
+
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The newest complete checkpoint in ``folder`` (None when there is none)."""
+    complete = [path for _, path, done in checkpoints(folder) if done]
+    return complete[-1] if complete else None
+
+
+def incomplete_checkpoints(folder: str) -> list[str]:
+    """Checkpoint folders newer than the newest complete one that are not complete (a killed write)."""
+    found = checkpoints(folder)
+    last = max((step for step, _, done in found if done), default=-1)
+    return [path for step, path, done in found if not done and step > last]
+
+
+# ---- output folders: what may be written into ----
+RESULT_MARKERS = (RECIPE_NAME, RESULTS_NAME, "stage_complete.json")
+
+
+def folder_kind(folder: str) -> str:
+    """``missing``, ``empty``, ``result`` (an earlier hfdistill result or run: its recipe, results, a stage
+    marker or Trainer checkpoints) or ``other`` (something else: a model, a user's files)."""
+    if not os.path.exists(folder):
+        return "missing"
+    if not os.path.isdir(folder):
+        return "other"
+    names = os.listdir(folder)
+    if not names:
+        return "empty"
+    if any(name in RESULT_MARKERS for name in names) or checkpoints(folder):
+        return "result"
+    if all(os.path.isdir(os.path.join(folder, name)) and folder_kind(os.path.join(folder, name)) in ("result", "empty")
+           for name in names):
+        return "result"  # e.g. `<output_dir>-stages/` or `-peers/`: folders of results
+    return "other"
+
+
+def remove_checkpoints(folder: str) -> list[str]:
+    """Delete the Trainer checkpoints (``checkpoint-N``) in ``folder``: an earlier run's, which must not mix
+    with a new run's (resume would otherwise pick them up). Returns what was removed."""
+    import shutil
+
+    removed = [path for _, path, _ in checkpoints(folder)]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed

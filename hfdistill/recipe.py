@@ -62,7 +62,7 @@ DEFAULT_STAGE_NAME = "distill"
 # What a stage's `train` list may name (followed by `.<path>` where the docs say so).
 TRAIN_ROOTS = ("student", "adapters", "losses")
 # Training arguments that belong to the whole run, not to one stage.
-RUN_ONLY_TRAINING_KEYS = ("output_dir", "resume_from_checkpoint")
+RUN_ONLY_TRAINING_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 
 
 def _suggest(word: str, choices: typing.Iterable[str]) -> str:

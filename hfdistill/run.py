@@ -67,7 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .errors import BadInputError, OverrideError, RecipeError
+from .errors import BadInputError, OverrideError, RecipeError, ResultFolderError
+from .outputs import CHECKPOINT_COMPLETE_NAME, incomplete_checkpoints, last_complete_checkpoint, remove_checkpoints
 from .recipe import Recipe, StageSpec, term_name
 from .tasks import Task, get_task
 from .terms import load_distill_state, save_distill_state
@@ -526,10 +527,54 @@ def _tapped_shapes(trainer: Any) -> dict[str, tuple[Any, Any]]:
 
 
 # ------------------------------------------------------------------------------------ resume
-def last_checkpoint(folder: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def check_output_folders(plan: Plan, resume: Any, overwrite: bool) -> None:
+    """Refuse, before anything is trained, to write where a run must not.
 
-    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    Never into a model folder the recipe reads (the teacher's, the student's source) or a folder holding
+    anything but an earlier hfdistill result; an earlier result is replaced only with ``overwrite`` (and the
+    final job's is continued with ``resume``). Raises :class:`ResultFolderError` (exit 2) saying what to do.
+    """
+    from .outputs import folder_kind, peers_dir
+
+    read = {os.path.abspath(p) for p in (plan.teacher_folder, _local(plan.recipe.student), _local(plan.recipe.teacher))
+            if p}
+    for job in plan.jobs:
+        if job.label == "teacher":
+            continue  # trained into its own folder only when that holds no model yet (plan_run)
+        folders = [stage.output_dir for stage in job.stages] + [peers_dir(job.output_dir)]
+        for folder in folders:
+            path = os.path.abspath(folder)
+            clash = next((m for m in read if path == m or path.startswith(m + os.sep) or m.startswith(path + os.sep)),
+                         None)
+            if clash is not None:
+                raise ResultFolderError(
+                    f"training.output_dir: {folder} would write into (or around) the model folder {clash} that this "
+                    "recipe reads (the teacher's or the student's); choose another output_dir"
+                )
+            kind = folder_kind(folder)
+            if kind == "other":
+                raise ResultFolderError(
+                    f"training.output_dir: {folder} already holds files that are not an hfdistill result "
+                    f"({', '.join(sorted(os.listdir(folder))[:4]) if os.path.isdir(folder) else 'a file'}); hfdistill "
+                    "does not write into it. Choose another output_dir (or empty that folder)"
+                )
+            if kind == "result" and not overwrite and resume in (None, False, ""):
+                raise ResultFolderError(
+                    f"training.output_dir: {folder} holds an earlier result of hfdistill. Replace it with "
+                    "`--overwrite` (training.overwrite_output_dir: true), continue it with "
+                    "`--training.resume_from_checkpoint true`, or choose another output_dir"
+                )
+
+
+def _local(spec: Any) -> str | None:
+    """The local folder a model spec names, if it names one."""
+    name = getattr(spec, "name", None)
+    return name if name and os.path.isdir(name) else None
+
+
+def last_checkpoint(folder: str) -> str | None:
+    """The newest *complete* checkpoint in ``folder`` (one a killed run was writing is passed over)."""
+    return last_complete_checkpoint(folder)
 
 
 def _stage_marker(stage: StageRun) -> dict | None:
@@ -577,6 +622,12 @@ def plan_resume(job: Job, resume: Any) -> None:
         if not os.path.isdir(checkpoint):
             raise RecipeError(where, f"{checkpoint!r} is not a folder; give a checkpoint folder "
                               "(`<output_dir>/checkpoint-N`) or `true` for the last one")
+        if not os.path.isfile(os.path.join(checkpoint, CHECKPOINT_COMPLETE_NAME)):
+            newest = last_complete_checkpoint(os.path.dirname(os.path.normpath(checkpoint)))
+            raise RecipeError(where, f"{checkpoint} is not a complete checkpoint (it has no {CHECKPOINT_COMPLETE_NAME}: "
+                              "the run was stopped while writing it, or it was not written by hfdistill); "
+                              + (f"resume from {newest}, the newest complete one, or use `true`" if newest else
+                                 "no complete checkpoint is beside it; run without resume_from_checkpoint"))
         parent = os.path.abspath(os.path.dirname(os.path.normpath(checkpoint)))
         matches = [s.index for s in stages if os.path.abspath(s.output_dir) == parent]
         if matches:
@@ -634,9 +685,17 @@ def run_job(job: Job, plan: Plan, talk: Callable[[str], None] | None = None) -> 
         if many:
             resumed = f", resuming from {stage.resume_from}" if stage.resume_from else ""
             talk(f"--> stage {stage.index + 1}/{len(job.stages)} {stage.name!r} -> {stage.output_dir}{resumed}")
+        elif stage.resume_from:
+            talk(f"--> resuming from {stage.resume_from}")
+        skipped = incomplete_checkpoints(stage.output_dir) if stage.resume_from else []
+        if skipped:
+            talk(f"    passed over (incomplete: the run stopped while writing): {', '.join(skipped)}")
         marker_path = os.path.join(stage.output_dir, STAGE_COMPLETE_NAME)
         if os.path.exists(marker_path):
             os.remove(marker_path)  # trained again: not complete until it ends
+        if not stage.resume_from:  # an earlier run's checkpoints must not mix with this one's (or be resumed)
+            for path in remove_checkpoints(stage.output_dir):
+                talk(f"    removed an earlier run's checkpoint {path}")
         # A trainer that cannot be built removes the folders it made itself (bad input writes nothing).
         training = dict(stage.training)
         if not stage.final and job.teacher is not None:
@@ -731,6 +790,8 @@ def run(
     recipe, recipe_path = _resolve_recipe(recipe, overrides)
     plan = plan_run(recipe, recipe_path, dataset)
     plan_resume(plan.final, recipe.training.get("resume_from_checkpoint"))
+    check_output_folders(plan, recipe.training.get("resume_from_checkpoint"),
+                         bool(recipe.training.get("overwrite_output_dir", False)))
     validate_plan(plan)
     talk = _print if print_summary else (lambda text: None)
     for job in plan.jobs:
@@ -790,6 +851,8 @@ def check(
     recipe, recipe_path = _resolve_recipe(recipe, overrides)
     plan = plan_run(recipe, recipe_path, dataset)
     plan_resume(plan.final, recipe.training.get("resume_from_checkpoint"))
+    check_output_folders(plan, recipe.training.get("resume_from_checkpoint"),
+                         bool(recipe.training.get("overwrite_output_dir", False)))
     stages = validate_plan(plan)
     return CheckReport(plan, stages)
 

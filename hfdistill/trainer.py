@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from typing import Any, Callable
 
@@ -20,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, TimmWrapperImageProcessor, Trainer
+from transformers import PreTrainedModel, TimmWrapperImageProcessor, Trainer, TrainerCallback
 from transformers.trainer_utils import EvalPrediction, PREFIX_CHECKPOINT_DIR
 
 from . import losses as loss_registry
 from .config import DistillationConfig
-from .errors import DistillationError
+from .errors import DistillationError, TrainingDivergedError
 from .models import is_timm_model, load_student_weights, student_tap_root, wrap_timm_model
-from .outputs import DISTILL_STATE_NAME, missing_folders, remove_empty_folders
+from .outputs import (CHECKPOINT_COMPLETE_NAME, DISTILL_STATE_NAME, last_complete_checkpoint, mark_checkpoint_complete, missing_folders,
+                      remove_empty_folders)
 from .recipe import Recipe
 from .teacher import TEACHER_INPUT_PREFIX, Teacher
 from .terms import (DistillationModel, IndexedCollator, IndexedDataset, LossHooksCallback, build_term_modules,
@@ -137,6 +139,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         self._loss_field_names = {name for term in distill.terms for name in term.fields}
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
+        self._nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient (nonfinite: skip)
         self._teacher_eval_metrics: dict[str, dict[str, float]] = {}
 
         teacher_taps = [t for term in distill.terms for t in term.teacher_taps]
@@ -171,6 +174,40 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             distill.load_distill_state_dict(distill_state, strict=False)
         if self.stage.train is not None:  # checked now; they take effect for the duration of train()
             distill.select_trainable(self.stage.train, f"{self.stage_path}.train")
+        self._drop_short_last_batch()
+        setter = _epoch_setter(self.train_dataset)
+        if setter is not None:  # per-example augmentation that a mid-epoch resume reproduces
+            self.add_callback(_AugmentationEpoch(setter))
+
+    def _drop_short_last_batch(self) -> None:
+        """Drop each epoch's last batch when it would be too small for something that trains on it.
+
+        Relation losses compare examples (``min_batch_size`` on the loss class) and batch-norm in training
+        needs two values per channel (in adapters, loss modules or the student itself, whose 1x1 maps make a
+        batch of one a single value): a final batch of one example would stop training at its last step.
+        """
+        examples = self._num_train_examples()
+        if self.args.dataloader_drop_last or not examples:
+            return
+        last = examples % (self.args.per_device_train_batch_size * max(self.args.world_size, 1))
+        if last == 0:
+            return
+        last_per_process = -(-last // max(self.args.world_size, 1))
+        needs = {}
+        distill: DistillationModel = self.model
+        for term in distill.terms:
+            modules = [distill.losses[term.name]] + ([distill.adapters[term.name]] if term.name in distill.adapters else [])
+            need = max(getattr(distill.losses[term.name], "min_batch_size", 1), *(_batch_norm_need(m) for m in modules))
+            if need > 1:
+                needs[f"term {term.name!r}"] = need
+        if _batch_norm_need(self.student) > 1:
+            needs["the student's batch-norm"] = 2
+        short = {who: need for who, need in needs.items() if last_per_process < need}
+        if short:
+            self.args.dataloader_drop_last = True
+            who, need = next(iter(short.items()))
+            logger.warning(f"Each epoch's last batch ({last} of {examples} training examples) is dropped: {who} needs "
+                           f"at least {need} examples per batch.")
 
     # ------------------------------------------------------------------ data
     def _num_train_examples(self) -> int | None:
@@ -228,8 +265,9 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             loss = self._task_loss(outputs, inputs)
             if model.training:
                 parts = distill.weigh(loss, {})
-                self._accumulate({name: value.detach() for name, value in parts.items()})
                 loss = parts.get("task", loss * 0)
+                loss = self._finite_or_handled(loss, parts)
+                self._accumulate({name: value.detach() for name, value in parts.items()})
             return (loss, outputs) if return_outputs else loss
 
         if distill.task_weight == 0:
@@ -239,9 +277,46 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         outputs, term_losses = model(teacher_features=teacher_features, loss_fields=fields, **student_inputs)
         task_loss = self._task_loss(outputs, inputs) if distill.task_weight > 0 else None
         parts = distill.weigh(task_loss, term_losses)
-        loss = torch.stack(list(parts.values())).sum()
+        loss = self._finite_or_handled(torch.stack(list(parts.values())).sum(), parts)
         self._accumulate({name: value.detach() for name, value in parts.items()})
         return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ numerical guards
+    def _finite_or_handled(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``loss`` when finite; else stop (``nonfinite: stop``) naming the terms, or a zero loss that trains
+        nothing (``skip``). One host-device sync per step: a NaN must never train silently."""
+        if bool(torch.isfinite(loss)):
+            return loss
+        bad = {name: float(value.detach()) for name, value in parts.items() if not bool(torch.isfinite(value))}
+        what = ", ".join(f"{'the task loss' if name == 'task' else 'term ' + repr(name)} = {value}"
+                         for name, value in bad.items()) or f"the total loss = {float(loss.detach())}"
+        self._nonfinite(f"{what} (weighted)")
+        for name in parts:  # keep the logged means finite: the skipped step adds nothing
+            parts[name] = torch.zeros_like(parts[name])
+        return torch.zeros((), device=loss.device, requires_grad=True)
+
+    def _nonfinite(self, what: str) -> None:
+        step = self.state.global_step + 1
+        if self.args.nonfinite == "skip":
+            self._nonfinite_steps += 1
+            if self._nonfinite_steps == 1:
+                logger.warning(f"step {step}: {what} is not finite; skipping such steps (nonfinite: skip), counted "
+                               "in the logs as `nonfinite_steps`")
+            return
+        checkpoint = last_complete_checkpoint(self.args.output_dir)
+        raise TrainingDivergedError(
+            f"training stopped at step {step}: {what} is not finite. "
+            + (f"The newest complete checkpoint is {checkpoint}. " if checkpoint else "No checkpoint was written. ")
+            + "Lower the learning rate or the term's weight, check its parameters, or set `training.nonfinite: "
+            "skip` to skip such steps."
+        )
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
+            self._nonfinite(f"the gradient norm ({float(grad_norm)})")
+            model.zero_grad(set_to_none=True)  # skip: the optimiser leaves parameters without gradients alone
+        return grad_norm
 
     def _task_loss(self, outputs: Any, inputs: dict) -> torch.Tensor:
         loss = outputs.get("loss") if isinstance(outputs, dict) else None
@@ -305,6 +380,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         self._term_count += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._nonfinite_steps:
+            logs["nonfinite_steps"] = self._nonfinite_steps
         if "loss" in logs and self._term_count:
             names = list(self._term_sums)
             means = torch.stack([self._term_sums[n] for n in names]) / self._term_count
@@ -315,7 +392,26 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ train / eval
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # the newest *complete* checkpoint, not merely the newest folder
+            checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise DistillationError(
+                    f"resume_from_checkpoint=True, but {self.args.output_dir} has no complete checkpoint "
+                    f"(one with {CHECKPOINT_COMPLETE_NAME}); train without it to start from the beginning"
+                )
+            logger.info(f"Resuming from {checkpoint}, the newest complete checkpoint.")
+            resume_from_checkpoint = checkpoint
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)) and os.path.isdir(resume_from_checkpoint) \
+                and not os.path.isfile(os.path.join(resume_from_checkpoint, CHECKPOINT_COMPLETE_NAME)):
+            newest = last_complete_checkpoint(os.path.dirname(os.path.normpath(resume_from_checkpoint)))
+            raise DistillationError(
+                f"{resume_from_checkpoint} is not a complete checkpoint (no {CHECKPOINT_COMPLETE_NAME}: the run stopped "
+                "while writing it)" + (f"; resume from {newest}, the newest complete one" if newest else "")
+            )
+        return self._train_distilled(resume_from_checkpoint, *args, **kwargs)
+
+    def _train_distilled(self, *args, **kwargs):
         distill: DistillationModel = self.model
         distill.student_taps.attach()
         if self.frozen_teacher is not None:
@@ -412,8 +508,17 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         return self.model.distill_state_dict()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the bare student (contract 4): no adapter, loss or teacher tensors."""
+        """Write the bare student (contract 4): no adapter, loss or teacher tensors; never non-finite weights."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        tensors = self.student.state_dict().items()  # parameters and buffers (batch-norm statistics)
+        bad = next((name for name, v in tensors if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            raise TrainingDivergedError(
+                f"the student's weights are not finite (first: {bad!r}), so nothing is saved to {output_dir}; "
+                + (f"the newest complete checkpoint is {last_complete_checkpoint(self.args.output_dir)}; "
+                   if last_complete_checkpoint(self.args.output_dir) else "")
+                + "lower the learning rate or the terms' weights"
+            )
         if state_dict is not None:
             state_dict = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
         if not self.args.should_save:
@@ -429,6 +534,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_distill_state(self.distill_state(), folder)
+            # Written last: a checkpoint is complete only with it (a run killed while writing leaves none).
+            mark_checkpoint_complete(folder, self.state.global_step)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         distill: DistillationModel = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -447,6 +554,33 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
 
 
 # ---------------------------------------------------------------------- helpers
+def _epoch_setter(dataset: Any) -> Callable[[int, int], None] | None:
+    """``set_augmentation_epoch(epoch, seed)`` of a training dataset or of its ``datasets`` transform (hfdistill's
+    image transforms draw each example's augmentation from its content, the epoch and the seed), or None.
+    (Not ``set_epoch``: Accelerate calls that on datasets with the epoch alone, and not after a resume's skip.)"""
+    setter = getattr(dataset, "set_augmentation_epoch", None)
+    if setter is None and isinstance(dataset, datasets.Dataset):
+        transform = (dataset.format.get("format_kwargs") or {}).get("transform")
+        setter = getattr(transform, "set_augmentation_epoch", None)
+    return setter if callable(setter) else None
+
+
+class _AugmentationEpoch(TrainerCallback):
+    """Tells the training data which epoch starts (before its loader's workers start), with the run's seed."""
+
+    def __init__(self, setter: Callable[[int, int], None]):
+        self.setter = setter
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # A resumed run starts mid-epoch (state.epoch = 1.5 -> epoch 1); a finished epoch k ends at k.0.
+        self.setter(int(math.floor((state.epoch or 0.0) + 1e-6)), args.seed)
+
+
+def _batch_norm_need(module: nn.Module) -> int:
+    """2 when ``module`` holds a batch-norm that normalises with batch statistics in training, else 1."""
+    return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) else 1
+
+
 def _load_recipe(recipe: Recipe | dict | str | os.PathLike | None, teacher: Any) -> Recipe:
     if isinstance(recipe, Recipe):
         recipe.validate()

@@ -485,14 +485,15 @@ def test_cli_cache_then_train_with_it(tmp_path, capsys):
     assert (Path(recipe["training"]["output_dir"]) / "model.safetensors").is_file()
 
     with pytest.warns(UserWarning, match="data.augment"):
-        assert main(["check", path, "--teacher", f"{{cache: {folder}}}"]) == 0
+        assert main(["check", path, "--teacher", f"{{cache: {folder}}}", "--training.overwrite_output_dir", "true"]) == 0
     out = capsys.readouterr().out
     assert "teacher: timm:test_resnet (cache cache) (373.66k parameters)" in out and "OK:" in out
 
-    assert main(["train", path, "--teacher", f"{{cache: {folder}}}", "--data.max_train_samples", "100"]) == 2
+    again = ["--training.overwrite_output_dir", "true"]  # the result above may be replaced; these fail earlier
+    assert main(["train", path, "--teacher", f"{{cache: {folder}}}", "--data.max_train_samples", "100", *again]) == 2
     assert "holds 128 examples, but the training data has 100" in " ".join(capsys.readouterr().err.split())
     assert main(["train", path, "--teacher", f"{{cache: {folder}, name: 'timm:test_resnet', pretrained: false}}",
-                 "--training.seed", "7"]) == 2  # another initialisation: another teacher
+                 "--training.seed", "7", *again]) == 2  # another initialisation: another teacher
     assert "another teacher or other weights" in " ".join(capsys.readouterr().err.split())
     assert main(["cache", path, "--output", str(folder), "--logits_top_k", "0"]) == 2
 

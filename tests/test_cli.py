@@ -82,8 +82,11 @@ def test_train_end_to_end_with_teacher_chain_and_baseline(tmp_path, capsys):
     predictions = classifier(Image.fromarray((np.random.default_rng(0).random((8, 8)) * 255).astype("uint8")))
     assert predictions and {p["label"] for p in predictions} <= {str(i) for i in range(10)}
 
-    # A second run reuses the saved teacher rather than training it again.
-    assert main(["train", path, "--student.baseline", "false"]) == 0
+    # A second run reuses the saved teacher rather than training it again (it replaces the earlier result only
+    # when told to).
+    assert main(["train", path, "--student.baseline", "false"]) == 2
+    assert "earlier result" in " ".join(capsys.readouterr().err.split())
+    assert main(["train", path, "--student.baseline", "false", "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert "==> training teacher" not in out and "student (distilled)" in out
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import hfdistill
 from hfdistill.cli import main
 from hfdistill.errors import RecipeError
+from hfdistill.outputs import CHECKPOINT_COMPLETE_NAME
 from test_cli import tiny_recipe, write
 
 run_module = sys.modules["hfdistill.run"]  # `hfdistill.run` is the function
@@ -159,6 +160,7 @@ def _fake_stage(stage, complete=True, checkpoints=(), spec=None):
     for step in checkpoints:
         os.makedirs(os.path.join(stage.output_dir, f"checkpoint-{step}"), exist_ok=True)
         Path(stage.output_dir, f"checkpoint-{step}", "trainer_state.json").write_text("{}")
+        Path(stage.output_dir, f"checkpoint-{step}", CHECKPOINT_COMPLETE_NAME).write_text("{}")
     if complete:
         data = spec if spec is not None else run_module._spec_data(stage.spec)
         Path(stage.output_dir, run_module.STAGE_COMPLETE_NAME).write_text(json.dumps({"stage": stage.name, "spec": data}))
@@ -192,6 +194,7 @@ def test_resume_rules(tmp_path):
     # A path outside the stage folders, a missing folder: bad input.
     outside = tmp_path / "elsewhere" / "checkpoint-2"
     outside.mkdir(parents=True)
+    (outside / CHECKPOINT_COMPLETE_NAME).write_text("{}")
     with pytest.raises(RecipeError, match="not in a stage folder"):
         run_module.plan_resume(_plan_job(tmp_path), str(outside))
     with pytest.raises(RecipeError, match="is not a folder"):

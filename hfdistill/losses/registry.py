@@ -43,6 +43,10 @@ student's main input made to require grad before the one training forward (input
 second forward). Such a loss class sets ``needs_live_teacher = True`` when it runs the teacher: a cache
 of teacher outputs (:mod:`hfdistill.cache`) cannot stand in for it, and the trainer says so.
 
+A loss class that compares examples within a batch sets ``min_batch_size`` (RKD: 2); the trainer then
+drops an epoch's last batch when it would be smaller (as it does for batch-norm in adapters and loss
+modules), and says so once.
+
 A loss module that trains whole networks to publish beside the student (DML's peers) returns them from
 ``extra_students() -> {name: model}``; the run saves each as a student folder of its own.
 """

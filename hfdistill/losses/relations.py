@@ -148,6 +148,8 @@ class RKDLoss(nn.Module):
     which were tuned with that code, keep their meaning. Needs a batch of at least 2 examples.
     """
 
+    min_batch_size = 2  # distances and angles between examples: the trainer drops a last batch of one
+
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()
         self.distance_weight = check_number("distance_weight", distance_weight, minimum=0)
