@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -52,6 +53,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from hfdistill import Recipe, losses  # noqa: E402
+from hfdistill.errors import TrainingDivergedError  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "fashion_mnist"
 BASE = RECIPES / "_base.yaml"
@@ -180,6 +182,13 @@ def describe_terms(spec: dict) -> str:
 # ------------------------------------------------------------------------------------ running
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover - platforms without a load average
+        return float("nan")
 
 
 def machine() -> dict[str, str]:
@@ -323,6 +332,7 @@ def schedule(recipe: Recipe, overrides: dict) -> str:
 def write_report(path: Path, records: list[dict], specs: dict, info: dict) -> None:
     ok = [r for r in records if "accuracy" in r]
     failed = [r for r in records if "error" in r]
+    diverged_runs = [r for r in records if "diverged" in r]
     by_method: dict[str, list[dict]] = {}
     for r in ok:
         by_method.setdefault(r["method"], []).append(r)
@@ -354,8 +364,9 @@ def write_report(path: Path, records: list[dict], specs: dict, info: dict) -> No
         f"- **Schedule (every row, from `_base.yaml`)**: {schedule(recipe, overrides)}; two-stage rows add their "
         f"first stage's epochs. Seeds {info['main_seeds']} for {', '.join(MAIN_METHODS)}; seed {FIRST_SEED} for "
         "the rest. Same student initialisation per seed in every row.",
-        f"- **Machine**: {info['machine']['cpu']}, {info['machine']['cores']} cores (shared with other jobs while this "
-        f"ran), torch {info['machine']['torch']}, transformers {info['machine']['transformers']}, timm "
+        f"- **Machine**: {info['machine']['cpu']}, {info['machine']['cores']} cores (1-minute load average "
+        f"{_load():.1f} when this was written: above the core count, other work shared the cores and the times are "
+        f"inflated), torch {info['machine']['torch']}, transformers {info['machine']['transformers']}, timm "
         f"{info['machine']['timm']}, GPU: {info['machine']['gpu']}.",
         f"- **Total run time**: {info['total_seconds'] / 60:.1f} min" + (" (still running)" if info.get("running") else "")
         + f". Command: `{info['command']}`",
@@ -380,7 +391,13 @@ def write_report(path: Path, records: list[dict], specs: dict, info: dict) -> No
         if diverged:
             acc += f" (diverged: NaN loss, seed {', '.join(diverged)})"
         lines.append(f"| {method} | {describe_terms(specs[method])} | {seeds} | {acc} | {delta} | {seconds:.0f} s |")
-    pending = [m for m in specs if m not in by_method and m not in {r["method"] for r in failed}]
+    for r in diverged_runs:  # stopped by the trainer's guard on a non-finite loss (nothing was saved)
+        step = re.search(r"at step (\d+)", r["diverged"])
+        where = f" at step {step.group(1)}" if step else ""
+        lines.append(f"| {r['method']} | {describe_terms(specs[r['method']])} | {r['seed']} | diverged: training "
+                     f"stopped{where} on a non-finite loss, no student saved | - | - |")
+    ran = {r["method"] for r in failed + diverged_runs}
+    pending = [m for m in specs if m not in by_method and m not in ran]
     if pending and info.get("running"):
         lines += ["", f"Not run yet: {', '.join(pending)}."]
 
@@ -397,6 +414,9 @@ def write_report(path: Path, records: list[dict], specs: dict, info: dict) -> No
         better = [m for m in order if m not in ("baseline", *worse, *unclear)]
         lines.append("")
         lines.append(f"- **Did not beat the baseline** (mean accuracy at or below it): {', '.join(worse) or 'none'}.")
+        if diverged_runs:
+            lines.append(f"- **Diverged** (the loss became NaN or inf; the trainer stopped it and saved nothing): "
+                         f"{', '.join(sorted({r['method'] for r in diverged_runs}))}.")
         lines.append(f"- **Above the baseline but within seed noise** (<= 2 baseline std, {noise:.4f}): "
                      f"{', '.join(unclear) or 'none'}.")
         lines.append(f"- **Above the baseline by more than that**: {', '.join(better) or 'none'}.")
@@ -515,6 +535,10 @@ def main(argv=None) -> int:
             record = bench.run(method, files[method], seed)
             log(f"[{i}/{len(todo)}] {method} seed {seed}: test accuracy {record['accuracy']:.4f}, "
                 f"train {record['train_seconds']:.0f} s, run {record['wall_seconds']:.0f} s, last losses {record['last_log']}")
+        except TrainingDivergedError as exc:  # a result: this method's loss became NaN/inf and training stopped
+            record = {"method": method, "seed": seed, "settings": bench.settings,
+                      "diverged": str(exc).replace("\n", " ")[:500]}
+            log(f"[{i}/{len(todo)}] {method} seed {seed}: DIVERGED {record['diverged']}")
         except Exception as exc:  # one failing method must not stop the others; it is reported
             traceback.print_exc()
             record = {"method": method, "seed": seed, "settings": bench.settings,

@@ -95,6 +95,7 @@ import torch
 from torch import nn
 
 from .errors import DistillationError, RecipeError
+from .outputs import default_file_mode
 from .teacher import POSITIONAL_INPUTS, TEACHER_DTYPES, Teacher
 
 logger = logging.getLogger(__name__)
@@ -329,12 +330,6 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
@@ -542,7 +537,7 @@ class _Builder:
         metadata = {"format": "pt", "start": str(start), "stop": str(stop), "layout": json.dumps(layout),
                     "input_name": self.input_name or "", "input_shape": json.dumps(self.input_shape)}
         safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # as any other file the user writes (the writer makes it 0600)
+        default_file_mode([str(tmp)])  # as any other file the user writes (the writer makes it 0600)
         os.replace(tmp, path)
 
     def _concat(self, key: str, chunks: list[torch.Tensor]) -> torch.Tensor:

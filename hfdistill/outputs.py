@@ -178,3 +178,16 @@ def remove_checkpoints(folder: str) -> list[str]:
     for path in removed:
         shutil.rmtree(path)
     return removed
+
+
+def default_file_mode(paths: list[str]) -> None:
+    """Give files the mode a newly created file gets here (0666 minus the umask).
+
+    safetensors writes through a private temporary file, so its weight files came out 0600 while the rest
+    of the folder is readable by the group: a shared result folder whose weights nobody else could read.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~mask)

@@ -528,7 +528,7 @@ def _tapped_shapes(trainer: Any) -> dict[str, tuple[Any, Any]]:
 
 # ------------------------------------------------------------------------------------ resume
 def check_output_folders(plan: Plan, resume: Any, overwrite: bool) -> None:
-    """Refuse, before anything is trained, to write where a run must not.
+    """Refuse, before anything is trained, to write where a run must not (and a push that cannot happen).
 
     Never into a model folder the recipe reads (the teacher's, the student's source) or a folder holding
     anything but an earlier hfdistill result; an earlier result is replaced only with ``overwrite`` (and the
@@ -536,6 +536,12 @@ def check_output_folders(plan: Plan, resume: Any, overwrite: bool) -> None:
     """
     from .outputs import folder_kind, peers_dir
 
+    from . import hub
+
+    training = plan.recipe.training
+    if training.get("push_to_hub") and hub.is_offline():  # known now, not after hours of training
+        raise RecipeError("training.push_to_hub", "is true but HF_HUB_OFFLINE=1 is set, so nothing can be pushed; "
+                          "unset HF_HUB_OFFLINE, or drop push_to_hub and push the result later with `hfdistill push`")
     read = {os.path.abspath(p) for p in (plan.teacher_folder, _local(plan.recipe.student), _local(plan.recipe.teacher))
             if p}
     for job in plan.jobs:
@@ -544,6 +550,7 @@ def check_output_folders(plan: Plan, resume: Any, overwrite: bool) -> None:
         folders = [stage.output_dir for stage in job.stages] + [peers_dir(job.output_dir)]
         for folder in folders:
             path = os.path.abspath(folder)
+            _check_path_length(path)
             clash = next((m for m in read if path == m or path.startswith(m + os.sep) or m.startswith(path + os.sep)),
                          None)
             if clash is not None:
@@ -564,6 +571,22 @@ def check_output_folders(plan: Plan, resume: Any, overwrite: bool) -> None:
                     "`--overwrite` (training.overwrite_output_dir: true), continue it with "
                     "`--training.resume_from_checkpoint true`, or choose another output_dir"
                 )
+
+
+def _check_path_length(path: str) -> None:
+    """A folder path the file system can hold (each name and the whole path within its limits)."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # a platform without pathconf: the common limits
+        name_max, path_max = 255, 4096
+    long_name = next((part for part in path.split(os.sep) if len(part.encode()) > name_max), None)
+    if long_name is not None or len(path.encode()) >= path_max - 64:  # room for the files written inside
+        what = f"a folder name of {len(long_name.encode())} bytes" if long_name else f"{len(path.encode())} bytes"
+        raise RecipeError("training.output_dir", f"is too long for the file system ({what}; the limits are "
+                          f"{name_max} per name and {path_max} in all); choose a shorter output_dir")
 
 
 def _local(spec: Any) -> str | None:

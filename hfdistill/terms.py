@@ -23,7 +23,7 @@ from .adapters import build_adapter, suggest_adapter
 from .errors import DistillationError
 from .recipe import TermSpec, term_name
 from .taps import ModelTaps, resolve_module, use_eager_attention_if_needed
-from .outputs import DISTILL_STATE_NAME
+from .outputs import DISTILL_STATE_NAME, default_file_mode
 from .teacher import to_float
 
 Shape = Any  # torch.Size, or a list of them for a term that reads several taps; None without a teacher model
@@ -572,6 +572,7 @@ def save_distill_state(state: dict[str, torch.Tensor], folder: str | os.PathLike
     path = os.path.join(folder, DISTILL_STATE_NAME)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    default_file_mode([path])
     return path
 
 

@@ -10,6 +10,7 @@ checkpoints of the distillation state, and the teacher's one evaluation.
 
 from __future__ import annotations
 
+import glob
 import inspect
 import logging
 import math
@@ -28,8 +29,8 @@ from . import losses as loss_registry
 from .config import DistillationConfig
 from .errors import DistillationError, TrainingDivergedError
 from .models import is_timm_model, load_student_weights, student_tap_root, wrap_timm_model
-from .outputs import (CHECKPOINT_COMPLETE_NAME, DISTILL_STATE_NAME, last_complete_checkpoint, mark_checkpoint_complete, missing_folders,
-                      remove_empty_folders)
+from .outputs import (CHECKPOINT_COMPLETE_NAME, DISTILL_STATE_NAME, default_file_mode, last_complete_checkpoint,
+                      mark_checkpoint_complete, missing_folders, remove_empty_folders)
 from .recipe import Recipe
 from .teacher import TEACHER_INPUT_PREFIX, Teacher
 from .terms import (DistillationModel, IndexedCollator, IndexedDataset, LossHooksCallback, build_term_modules,
@@ -525,6 +526,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         self.student.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+        default_file_mode(glob.glob(os.path.join(output_dir, "*.safetensors")))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -285,3 +285,42 @@ def test_mid_epoch_resume_with_random_crop_and_flip_gives_the_uninterrupted_stud
     assert main(["train", cut, "--training.resume_from_checkpoint", "true"]) == 0
     assert f"resuming from {student / 'checkpoint-4'}" in capsys.readouterr().out
     _same_weights(tmp_path / "full" / "student", student)
+
+
+def test_an_output_dir_too_long_for_the_file_system_is_bad_input(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    recipe["training"]["output_dir"] = str(tmp_path / ("x" * 5000))
+    assert main(["train", write(tmp_path, recipe)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "training.output_dir" in err and "too long" in err and "Traceback" not in err
+
+
+def test_push_to_hub_while_offline_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    recipe = tiny_recipe(tmp_path, training__push_to_hub=True, training__hub_model_id="me/student")
+    assert main(["train", write(tmp_path, recipe)]) == 2
+    assert "HF_HUB_OFFLINE" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_weight_files_get_the_folders_usual_permissions(tmp_path, digits):
+    """safetensors wrote the weights 0600 while every other file of the result was 0644 (umask 022)."""
+    trainer = _trainer(tmp_path, digits[0].select(range(16)), max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "result"))
+    from hfdistill.terms import save_distill_state
+
+    save_distill_state(trainer.distill_state(), str(tmp_path / "result"))
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "config.json", "distill_state.safetensors"):
+        assert (os.stat(tmp_path / "result" / name).st_mode & 0o777) == 0o666 & ~mask, name
+
+
+def test_a_half_precision_teacher_runs_end_to_end_with_summary_and_card(tmp_path, capsys):
+    """`training.teacher_dtype: bfloat16` used to finish training and then crash in the summary (no card)."""
+    recipe = tiny_recipe(tmp_path, training__teacher_dtype="bfloat16")
+    assert main(["train", write(tmp_path, recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "Summary" in out and "teacher" in out
+    assert (tmp_path / "out" / "student" / "README.md").is_file()

@@ -22,6 +22,7 @@ from ..errors import DistillationError
 from ..taps import ModelTaps
 from ..teacher import call_model
 from .common import check_choice, check_number, kl_from_log_probs
+from .features import _single
 from .registry import register_loss
 
 logger = logging.getLogger(__name__)
@@ -34,12 +35,7 @@ logger = logging.getLogger(__name__)
 
 def _one_tensor(x: Any, loss: str, who: str) -> torch.Tensor:
     """A single tap's value (a tensor, or a list holding one) as float32 [B, D] (a map is flattened per example)."""
-    if isinstance(x, (list, tuple)):
-        if len(x) != 1:
-            raise DistillationError(f"{loss}: reads one {who} tap, got a list of {len(x)} tensors; give the term one tap per side")
-        x = x[0]
-    if not isinstance(x, torch.Tensor):
-        raise DistillationError(f"{loss}: expected a {who} tensor, got {type(x).__name__}; give the term a {who} tap")
+    x = _single(x, loss)
     if x.dim() < 2:
         raise DistillationError(f"{loss}: the {who} feature must be [B, D] (or [B, C, H, W], flattened), got {tuple(x.shape)}")
     return x.float().reshape(x.shape[0], -1)
