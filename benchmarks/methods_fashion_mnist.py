@@ -365,8 +365,8 @@ def write_report(path: Path, records: list[dict], specs: dict, info: dict) -> No
         f"first stage's epochs. Seeds {info['main_seeds']} for {', '.join(MAIN_METHODS)}; seed {FIRST_SEED} for "
         "the rest. Same student initialisation per seed in every row.",
         f"- **Machine**: {info['machine']['cpu']}, {info['machine']['cores']} cores (1-minute load average "
-        f"{_load():.1f} when this was written: above the core count, other work shared the cores and the times are "
-        f"inflated), torch {info['machine']['torch']}, transformers {info['machine']['transformers']}, timm "
+        f"{_load():.1f} when this was written; a load above the core count would mean other work shared the cores "
+        f"and inflated the times), torch {info['machine']['torch']}, transformers {info['machine']['transformers']}, timm "
         f"{info['machine']['timm']}, GPU: {info['machine']['gpu']}.",
         f"- **Total run time**: {info['total_seconds'] / 60:.1f} min" + (" (still running)" if info.get("running") else "")
         + f". Command: `{info['command']}`",
