@@ -587,6 +587,10 @@ def _check_path_length(path: str) -> None:
         what = f"a folder name of {len(long_name.encode())} bytes" if long_name else f"{len(path.encode())} bytes"
         raise RecipeError("training.output_dir", f"is too long for the file system ({what}; the limits are "
                           f"{name_max} per name and {path_max} in all); choose a shorter output_dir")
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError("training.output_dir", f"{path} cannot be written: {existing} is "
+                          + ("not a folder" if not os.path.isdir(existing) else "not writable by this user")
+                          + "; choose another output_dir")
 
 
 def _local(spec: Any) -> str | None:

@@ -324,3 +324,25 @@ def test_a_half_precision_teacher_runs_end_to_end_with_summary_and_card(tmp_path
     out = capsys.readouterr().out
     assert "Summary" in out and "teacher" in out
     assert (tmp_path / "out" / "student" / "README.md").is_file()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
+def test_an_output_dir_that_cannot_be_written_is_bad_input(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    recipe = tiny_recipe(tmp_path)
+    recipe["training"]["output_dir"] = str(locked / "student")
+    try:
+        assert main(["train", write(tmp_path, recipe)]) == 2
+    finally:
+        locked.chmod(0o700)
+    assert "cannot be written" in " ".join(capsys.readouterr().err.split())
+
+
+def test_an_output_dir_under_a_file_is_bad_input(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    recipe = tiny_recipe(tmp_path)
+    recipe["training"]["output_dir"] = str(tmp_path / "a_file" / "student")
+    assert main(["train", write(tmp_path, recipe)]) == 2
+    assert "not a folder" in " ".join(capsys.readouterr().err.split())
