@@ -126,6 +126,11 @@ class HubTrainerMixin:
         _, student_eval, teacher_eval = card.metrics_from_log_history(self.state.log_history)
         student_params, _ = model_stats(student)
         teacher_params, teacher_bytes = model_stats(self.teacher)
+        cache = getattr(self, "frozen_teacher", None)
+        if self.teacher is None and getattr(cache, "is_cache", False):  # a cache of its outputs: its manifest says
+            teacher_id = cache.name
+            teacher_params = cache.num_parameters or teacher_params
+            teacher_bytes = cache.manifest["teacher"].get("weight_bytes") or teacher_bytes
         license_ = None
         if self.teacher is not None:
             # timm keeps the license of its pretrained weights in pretrained_cfg (also in a wrapper's config).

@@ -483,6 +483,8 @@ def test_cli_cache_then_train_with_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "student (distilled)" in out and "timm:test_resnet (cache" in out
     assert (Path(recipe["training"]["output_dir"]) / "model.safetensors").is_file()
+    card_text = (Path(recipe["training"]["output_dir"]) / "README.md").read_text()
+    assert "distilled from the teacher `timm:test_resnet`" in card_text  # the card names the cached teacher
 
     with pytest.warns(UserWarning, match="data.augment"):
         assert main(["check", path, "--teacher", f"{{cache: {folder}}}", "--training.overwrite_output_dir", "true"]) == 0
