@@ -446,8 +446,7 @@ class ImageTransform:
             generators.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
         return generators
 
-    def _from_list(self, images: Sequence[Any], generators: list[torch.Generator] | None) -> torch.Tensor:
-        tensors = [_to_uint8_tensor(img, self.image.channels) for img in images]
+    def _from_list(self, tensors: list[torch.Tensor], generators: list[torch.Generator] | None) -> torch.Tensor:
         if self.augment == "rrc_flip":
             from torchvision.transforms import v2
 
@@ -467,11 +466,9 @@ class ImageTransform:
             generators = self._generators(list(images)) if augmenting else None
             x = _resize(images, self.image.size, self.image.interpolation)
         else:
-            if augmenting and self.epoch is not None:
-                generators = self._generators([_to_uint8_tensor(img, self.image.channels) for img in images])
-            else:
-                generators = None
-            x = self._from_list(images, generators)
+            tensors = [_to_uint8_tensor(img, self.image.channels) for img in images]  # decoded once
+            generators = self._generators(tensors) if augmenting else None
+            x = self._from_list(tensors, generators)
         x = _match_channels(x.float() / 255.0, self.image.channels)
         if self.augment in ("crop", "crop_flip"):
             x = _random_crop(x, padding=max(1, self.image.size[0] // 8), generators=generators)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import re
@@ -587,7 +588,9 @@ TRAINING_RANGES: dict[str, tuple[float | None, bool, float | None]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _training_types() -> dict[str, Any]:
+    """DistillationConfig's field types (resolved once: validation asks for every training key)."""
     from .config import DistillationConfig
 
     return typing.get_type_hints(DistillationConfig)

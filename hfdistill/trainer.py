@@ -141,6 +141,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
         self._nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient (nonfinite: skip)
+        self._step_parts: list[dict[str, torch.Tensor]] = []  # this optimiser step's weighted parts, checked once
         self._teacher_eval_metrics: dict[str, dict[str, float]] = {}
 
         teacher_taps = [t for term in distill.terms for t in term.teacher_taps]
@@ -267,8 +268,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             if model.training:
                 parts = distill.weigh(loss, {})
                 loss = parts.get("task", loss * 0)
-                loss = self._finite_or_handled(loss, parts)
-                self._accumulate({name: value.detach() for name, value in parts.items()})
+                self._step_parts.append({name: value.detach() for name, value in parts.items()})
             return (loss, outputs) if return_outputs else loss
 
         if distill.task_weight == 0:
@@ -278,24 +278,11 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         outputs, term_losses = model(teacher_features=teacher_features, loss_fields=fields, **student_inputs)
         task_loss = self._task_loss(outputs, inputs) if distill.task_weight > 0 else None
         parts = distill.weigh(task_loss, term_losses)
-        loss = self._finite_or_handled(torch.stack(list(parts.values())).sum(), parts)
-        self._accumulate({name: value.detach() for name, value in parts.items()})
+        loss = torch.stack(list(parts.values())).sum()
+        self._step_parts.append({name: value.detach() for name, value in parts.items()})
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ numerical guards
-    def _finite_or_handled(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``loss`` when finite; else stop (``nonfinite: stop``) naming the terms, or a zero loss that trains
-        nothing (``skip``). One host-device sync per step: a NaN must never train silently."""
-        if bool(torch.isfinite(loss)):
-            return loss
-        bad = {name: float(value.detach()) for name, value in parts.items() if not bool(torch.isfinite(value))}
-        what = ", ".join(f"{'the task loss' if name == 'task' else 'term ' + repr(name)} = {value}"
-                         for name, value in bad.items()) or f"the total loss = {float(loss.detach())}"
-        self._nonfinite(f"{what} (weighted)")
-        for name in parts:  # keep the logged means finite: the skipped step adds nothing
-            parts[name] = torch.zeros_like(parts[name])
-        return torch.zeros((), device=loss.device, requires_grad=True)
-
     def _nonfinite(self, what: str) -> None:
         step = self.state.global_step + 1
         if self.args.nonfinite == "skip":
@@ -313,10 +300,26 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         )
 
     def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm, checked once per optimiser step together with the loss parts of the
+        step's micro-batches: one host-device sync per step, so that a NaN never trains silently. A finite
+        step's parts go to the logged means; a non-finite one stops training naming the term (``nonfinite:
+        stop``) or is skipped (``skip``: no gradients, nothing logged)."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if grad_norm is not None and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
-            self._nonfinite(f"the gradient norm ({float(grad_norm)})")
-            model.zero_grad(set_to_none=True)  # skip: the optimiser leaves parameters without gradients alone
+        step_parts, self._step_parts = self._step_parts, []
+        values = [value.float().reshape(()) for parts in step_parts for value in parts.values()]
+        if grad_norm is not None:
+            device = values[0].device if values else None
+            values.append(torch.as_tensor(grad_norm, dtype=torch.float32, device=device).reshape(()))
+        if not values or bool(torch.isfinite(torch.stack(values)).all()):
+            for parts in step_parts:
+                self._accumulate(parts)
+            return grad_norm
+        bad = {name: float(value) for parts in step_parts for name, value in parts.items()
+               if not bool(torch.isfinite(value))}
+        what = (", ".join(f"{'the task loss' if name == 'task' else 'term ' + repr(name)} = {value}"
+                          for name, value in bad.items()) + " (weighted)") if bad else f"the gradient norm ({float(grad_norm)})"
+        self._nonfinite(what)
+        model.zero_grad(set_to_none=True)  # skip: the optimiser leaves parameters without gradients alone
         return grad_norm
 
     def _task_loss(self, outputs: Any, inputs: dict) -> torch.Tensor:
@@ -426,6 +429,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
                 self.frozen_teacher.remove()
             self._term_sums.clear()
             self._term_count = 0
+            self._step_parts.clear()
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
@@ -514,10 +518,10 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         tensors = self.student.state_dict().items()  # parameters and buffers (batch-norm statistics)
         bad = next((name for name, v in tensors if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
         if bad is not None:
+            checkpoint = last_complete_checkpoint(self.args.output_dir)
             raise TrainingDivergedError(
                 f"the student's weights are not finite (first: {bad!r}), so nothing is saved to {output_dir}; "
-                + (f"the newest complete checkpoint is {last_complete_checkpoint(self.args.output_dir)}; "
-                   if last_complete_checkpoint(self.args.output_dir) else "")
+                + (f"the newest complete checkpoint is {checkpoint}; " if checkpoint else "")
                 + "lower the learning rate or the terms' weights"
             )
         if state_dict is not None:

@@ -121,10 +121,10 @@ def test_shipped_recipe_runs_as_shipped(path, tmp_path, monkeypatch, capsys):
     short = ["--training.max_steps", "2", "--data.max_train_samples", "64", "--data.max_eval_samples", "32"]
     if recipe.teacher is not None and recipe.teacher.train_from is not None:
         short += ["--teacher.train_args.max_steps", "2"]
-    for i, stage in enumerate(recipe.stages or [recipe]):  # CRD draws fewer negatives than the 64 examples
-        for j, term in enumerate(stage.terms):
-            if term.loss == "crd":
-                short += [f"--{f'stages.{i}.' if recipe.stages else ''}terms.{j}.params.nce_k", "63"]
+    from test_method_recipes import _benchmark
+
+    for key, value in _benchmark().negatives_overrides(recipe, 64).items():  # CRD: fewer negatives than examples
+        short += [f"--{key}", str(value)]
     assert main(["train", str(path), *short]) == 0, capsys.readouterr().err[-3000:]
     output_dir = tmp_path / recipe.training["output_dir"]
     assert (output_dir / "config.json").is_file() and (output_dir / "README.md").is_file()

@@ -161,33 +161,47 @@ KILLER = textwrap.dedent('''
     import hfdistill.trainer as trainer_module
     from hfdistill.cli import main
 
-    kill_at = int(sys.argv[2])
-    original = trainer_module.save_distill_state
+    where, at = sys.argv[2], int(sys.argv[3])
+    if where == "checkpoint":  # kill -9 in the middle of writing checkpoint-<at>
+        original = trainer_module.save_distill_state
 
-    def save_then_die(state, folder):
-        if folder.endswith(f"checkpoint-{kill_at}"):
-            os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of writing this checkpoint
-        return original(state, folder)
+        def save_then_die(state, folder):
+            if folder.endswith(f"checkpoint-{at}"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(state, folder)
 
-    trainer_module.save_distill_state = save_then_die
+        trainer_module.save_distill_state = save_then_die
+    else:  # kill -9 in the middle of training step <at> (its forward done, no backward yet)
+        original = trainer_module.DistillationTrainer.compute_loss
+        calls = {"n": 0}
+
+        def loss_then_die(self, *args, **kwargs):
+            value = original(self, *args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return value
+
+        trainer_module.DistillationTrainer.compute_loss = loss_then_die
     sys.exit(main(["train", sys.argv[1]]))
 ''')
 
 
-def test_kill_9_while_writing_a_checkpoint_then_resume_gives_the_uninterrupted_student(tmp_path):
-    """A run killed (SIGKILL) while writing checkpoint-4 resumes from checkpoint-2 and ends where an
-    uninterrupted run ends, bit for bit (CPU, no augmentation)."""
+@pytest.mark.parametrize("where, at, resumes_from", [("checkpoint", 4, 2), ("step", 5, 4)])
+def test_kill_9_then_resume_gives_the_uninterrupted_student(tmp_path, where, at, resumes_from):
+    """A run killed (SIGKILL) while writing checkpoint-4, or during step 5, resumes from the newest complete
+    checkpoint and ends where an uninterrupted run ends, bit for bit (CPU, no augmentation)."""
     full = write(tmp_path, _checkpointed(tmp_path, "full"), "full.yaml")
     assert main(["train", full]) == 0
     cut = write(tmp_path, _checkpointed(tmp_path, "cut"), "cut.yaml")
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(script), cut, "4"], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(script), cut, where, str(at)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == -9, done.stderr[-2000:]
     student = tmp_path / "cut" / "student"
-    assert (student / "checkpoint-4").is_dir() and not (student / "checkpoint-4" / CHECKPOINT_COMPLETE_NAME).exists()
+    assert last_complete_checkpoint(str(student)) == str(student / f"checkpoint-{resumes_from}")
     assert not (student / "model.safetensors").exists()
     assert main(["train", cut, "--training.resume_from_checkpoint", "true"]) == 0
     _same_weights(tmp_path / "full" / "student", student)
