@@ -27,6 +27,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import processes
 from .errors import BadInputError, HfdistillError, HubError, RecipeError
 from .outputs import RECIPE_NAME as RECIPE_FILE_NAME  # noqa: F401 - kept for callers of the old name
 from .recipe import apply_overrides, load_recipe, parse_overrides  # noqa: F401 - the CLI's overrides, re-exported
@@ -130,13 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print(text: str) -> None:
     # Under `accelerate launch` every process runs this code: only the main one talks.
-    if int(os.environ.get("RANK", "0")) == 0:
+    if processes.is_main_process():
         print(text, flush=True)
 
 
 def _error(message: str) -> None:
-    """One paragraph on stderr."""
-    print(textwrap.fill(f"hfdistill: error: {' '.join(str(message).split())}", 100, break_long_words=False,
+    """One paragraph on stderr (under `accelerate launch`, from each process that meets it, named)."""
+    who = f"hfdistill (process {processes.rank()} of {processes.world_size()})" if processes.world_size() > 1 \
+        else "hfdistill"
+    print(textwrap.fill(f"{who}: error: {' '.join(str(message).split())}", 100, break_long_words=False,
                         break_on_hyphens=False), file=sys.stderr)
 
 
@@ -186,8 +189,13 @@ def _cache_command(args: argparse.Namespace, overrides: list[str]) -> None:
     _print(f"building the teacher cache of {args.recipe}")
     folder = cache_command(args.recipe, overrides, output=args.output, logits_top_k=args.logits_top_k,
                            feature_dtype=args.feature_dtype, batch_size=args.batch_size)
-    if int(os.environ.get("RANK", "0")) == 0:
-        _print(cache_usage(folder, args.recipe))
+    _print(cache_usage(folder, args.recipe))
+
+
+def _suggest_command(args: argparse.Namespace) -> None:
+    from .suggest import suggest
+
+    _print(suggest(args.teacher, args.student, task=args.task, input_size=args.input_size, method=args.method).report())
 
 
 def _check_command(recipe_path: str, overrides: list[str]) -> None:

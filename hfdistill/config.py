@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.utils import logging
+
+from .processes import on_cpu_only
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NONFINITE_ACTIONS = ("stop", "skip")
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -59,6 +64,16 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if on_cpu_only() and not self.use_cpu:
+            # Launched as several processes on a machine without an accelerator: Accelerate makes the run
+            # data-parallel over gloo only when told it is on the CPU; otherwise every process would train the
+            # whole data set on its own, and write the same folders.
+            self.use_cpu = True
+            sharded = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                       if os.environ.get(env, "false").lower() == "true"]
+            if sharded:  # Accelerate shards only on accelerators; say so rather than let it pass unnoticed
+                logger.warning(f"{sharded[0]} was asked for, but this machine has no GPU and Accelerate runs {sharded[0]} "
+                               "only on accelerators: the run is plain data-parallel (DDP over gloo) on the CPU.")
         super().__post_init__()
         if self.task_weight < 0:
             raise ValueError(f"DistillationConfig.task_weight must be >= 0, got {self.task_weight}")

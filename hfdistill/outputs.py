@@ -147,6 +147,23 @@ def incomplete_checkpoints(folder: str) -> list[str]:
     return [path for step, path, done in found if not done and step > last]
 
 
+def rotate_checkpoints(folder: str, limit: int | None, keep: str | None = None) -> list[str]:
+    """Keep the newest ``limit`` *complete* checkpoints in ``folder`` (and ``keep``, the best one); delete the
+    older ones and every incomplete one (a write that was killed). Call after the newest is marked complete,
+    on the main process only. Returns what was deleted."""
+    import shutil
+
+    if not limit or limit <= 0:
+        return []
+    found = checkpoints(folder)
+    complete = [os.path.normpath(path) for _, path, done in found if done]
+    kept = set(complete[-limit:]) | ({os.path.normpath(keep)} if keep else set())
+    deleted = [path for _, path, _ in found if os.path.normpath(path) not in kept]
+    for path in deleted:
+        shutil.rmtree(path, ignore_errors=True)
+    return deleted
+
+
 # ---- output folders: what may be written into ----
 RESULT_MARKERS = (RECIPE_NAME, RESULTS_NAME, "stage_complete.json")
 

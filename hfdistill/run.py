@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from . import processes
 from .errors import BadInputError, OverrideError, RecipeError, ResultFolderError
 from .outputs import CHECKPOINT_COMPLETE_NAME, incomplete_checkpoints, last_complete_checkpoint, remove_checkpoints
 from .recipe import Recipe, StageSpec, term_name
@@ -717,12 +718,14 @@ def run_job(job: Job, plan: Plan, talk: Callable[[str], None] | None = None) -> 
         skipped = incomplete_checkpoints(stage.output_dir) if stage.resume_from else []
         if skipped:
             talk(f"    passed over (incomplete: the run stopped while writing): {', '.join(skipped)}")
-        marker_path = os.path.join(stage.output_dir, STAGE_COMPLETE_NAME)
-        if os.path.exists(marker_path):
-            os.remove(marker_path)  # trained again: not complete until it ends
-        if not stage.resume_from:  # an earlier run's checkpoints must not mix with this one's (or be resumed)
-            for path in remove_checkpoints(stage.output_dir):
-                talk(f"    removed an earlier run's checkpoint {path}")
+        if processes.is_main_process():  # one process writes result folders; the others wait for it
+            marker_path = os.path.join(stage.output_dir, STAGE_COMPLETE_NAME)
+            if os.path.exists(marker_path):
+                os.remove(marker_path)  # trained again: not complete until it ends
+            if not stage.resume_from:  # an earlier run's checkpoints must not mix with this one's (or be resumed)
+                for path in remove_checkpoints(stage.output_dir):
+                    talk(f"    removed an earlier run's checkpoint {path}")
+        processes.wait_for_everyone()
         # A trainer that cannot be built removes the folders it made itself (bad input writes nothing).
         training = dict(stage.training)
         if not stage.final and job.teacher is not None:
@@ -820,6 +823,7 @@ def run(
     check_output_folders(plan, recipe.training.get("resume_from_checkpoint"),
                          bool(recipe.training.get("overwrite_output_dir", False)))
     validate_plan(plan)
+    processes.wait_for_everyone()  # every process has checked the folders before the main one writes to them
     talk = _print if print_summary else (lambda text: None)
     for job in plan.jobs:
         try:
@@ -844,6 +848,7 @@ def run(
     if final.trainer.args.push_to_hub:
         _print(f"\n==> pushing {plan.output_dir} to the Hub ({final.trainer.args.hub_model_id or 'hub_model_id not set'})")
         final.trainer.push_to_hub()  # the folder and card are complete locally first; a failure says how to retry
+    processes.wait_for_everyone()  # no process returns before the result folder is complete
     return RunResult(plan.output_dir, dict(final.metrics), summary, plan)
 
 
@@ -1107,5 +1112,5 @@ def _device_name(trainer: Any) -> str:
 
 def _print(text: str) -> None:
     # Under `accelerate launch` every process runs this code: only the main one talks.
-    if int(os.environ.get("RANK", "0")) == 0:
+    if processes.is_main_process():
         print(text, flush=True)

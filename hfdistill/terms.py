@@ -579,4 +579,8 @@ def save_distill_state(state: dict[str, torch.Tensor], folder: str | os.PathLike
 def load_distill_state(folder: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
     """The state :func:`save_distill_state` wrote in ``folder``, or None when there is none."""
     path = os.path.join(folder, DISTILL_STATE_NAME)
-    return safetensors.torch.load_file(path, device=str(device)) if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        return None
+    device = torch.device(device)
+    # safetensors names devices its own way: "cpu" (never "cpu:0", what a data-parallel CPU run's device is)
+    return safetensors.torch.load_file(path, device="cpu" if device.type == "cpu" else str(device))

@@ -30,7 +30,7 @@ from .config import DistillationConfig
 from .errors import DistillationError, TrainingDivergedError
 from .models import is_timm_model, load_student_weights, student_tap_root, wrap_timm_model
 from .outputs import (CHECKPOINT_COMPLETE_NAME, DISTILL_STATE_NAME, default_file_mode, last_complete_checkpoint,
-                      mark_checkpoint_complete, missing_folders, remove_empty_folders)
+                      mark_checkpoint_complete, missing_folders, remove_empty_folders, rotate_checkpoints)
 from .recipe import Recipe
 from .teacher import TEACHER_INPUT_PREFIX, Teacher
 from .terms import (DistillationModel, IndexedCollator, IndexedDataset, LossHooksCallback, build_term_modules,
@@ -536,12 +536,22 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        # transformers rotates (deletes the oldest checkpoints) before this one is complete: a run killed in
+        # between would be left with fewer complete checkpoints than save_total_limit, or none. Rotate after.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        # Every process has written its part (its RNG state) before the main one marks the checkpoint whole.
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_distill_state(self.distill_state(), folder)
             # Written last: a checkpoint is complete only with it (a run killed while writing leaves none).
             mark_checkpoint_complete(folder, self.state.global_step)
+            rotate_checkpoints(run_dir, limit, keep=self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         distill: DistillationModel = self.accelerator.unwrap_model(model if model is not None else self.model)

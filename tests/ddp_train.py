@@ -29,8 +29,10 @@ def main(output_dir: str) -> None:
     torch.manual_seed(100 + rank)
     args = DistillationConfig(
         output_dir=output_dir, max_steps=4, per_device_train_batch_size=8, learning_rate=0.05, optim="sgd",
-        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, logging_steps=2, seed=0,
-        ddp_backend="gloo",
+        report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=2, seed=0,
+        # Nothing about the CPU or gloo on a machine without GPUs: DistillationConfig sees the launch and asks
+        # Accelerate for data parallelism on the CPU (one GPU cannot host two ranks, so there: use_cpu).
+        use_cpu=torch.cuda.is_available(),
     )
     trainer = DistillationTrainer(
         model=tiny_timm("test_efficientnet", seed=2 + rank), teacher=tiny_timm("test_resnet", seed=1),
@@ -41,6 +43,7 @@ def main(output_dir: str) -> None:
     state.update({k: v for k, v in trainer.model.distill_state_dict().items()})
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     world = trainer.accelerator.num_processes
+    assert trainer.args.parallel_mode.value == "distributed" and world == 2, (trainer.args.parallel_mode, world)
     safetensors.torch.save_file(state, os.path.join(output_dir, f"rank{trainer.accelerator.process_index}_of_{world}.safetensors"))
 
 
