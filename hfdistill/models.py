@@ -206,6 +206,10 @@ def wrap_timm_model(
     input_size = pretrained_cfg.get("input_size")
     if input_size and len(input_size) == 3 and input_size[0] != in_chans:  # as timm's export: the model's channels
         pretrained_cfg["input_size"] = (in_chans, *input_size[1:])
+    for key in ("mean", "std"):  # one value per input channel, or the image processor cannot be built
+        values = pretrained_cfg.get(key)
+        if values and len(values) != in_chans:  # e.g. ImageNet statistics for a one-channel model: their average
+            pretrained_cfg[key] = (sum(values) / len(values),) * in_chans
     config = TimmWrapperConfig(
         architecture=architecture,
         model_args=args,  # timm's hf-hub loader cannot take `"model_args": null`

@@ -28,6 +28,7 @@ from transformers.trainer_utils import EvalPrediction, PREFIX_CHECKPOINT_DIR
 from . import losses as loss_registry
 from .config import DistillationConfig
 from .errors import DistillationError, TrainingDivergedError
+from .data import ArrowBatchReader
 from .models import is_timm_model, load_student_weights, student_tap_root, wrap_timm_model
 from .outputs import (CHECKPOINT_COMPLETE_NAME, DISTILL_STATE_NAME, default_file_mode, last_complete_checkpoint,
                       mark_checkpoint_complete, missing_folders, remove_empty_folders, rotate_checkpoints)
@@ -217,9 +218,13 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         return len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description=description)
+            # Read in batches straight from Arrow (datasets' torch formatter costs more than a small step);
+            # the other samplers (grouped by length, rebalanced) read a datasets.Dataset's columns: leave it to them.
+            if ArrowBatchReader.supports(dataset) and not (is_training and self.args.train_sampling_strategy != "random"):
+                dataset = ArrowBatchReader(dataset)
         if is_training and self._needs_index and not isinstance(dataset, torch.utils.data.IterableDataset):
-            if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description=description)
             dataset = IndexedDataset(dataset)
         return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
 

@@ -222,3 +222,97 @@ def test_a_new_task_is_one_table_entry(monkeypatch):
     assert built["raw"] is raw and built["max_length"] == 7
     with pytest.raises(RecipeError, match="unknown task 'no-such-task'"):
         build_task_data(raw, "no-such-task", "student")
+
+
+# ----------------------------------------------------------------------------- ArrowBatchReader
+def _mixed_dataset():
+    import datasets
+
+    rng = np.random.default_rng(0)
+    n = 37
+    return datasets.Dataset.from_dict({
+        "pixel_values": rng.random((n, 1, 6, 5)),                          # float64 nested lists
+        "image_u8": rng.integers(0, 255, (n, 3, 4, 4), dtype=np.uint8),     # uint8 nested lists
+        "labels": rng.integers(0, 10, n),
+        "flag": rng.random(n) > 0.5,
+        "score": rng.random(n).astype(np.float32),
+        "text": [f"example {i}" for i in range(n)],                         # not numeric: datasets reads it
+        "ragged": [list(range(i % 4)) for i in range(n)],                   # ragged: datasets reads it
+    }).cast_column("image_u8", datasets.Array3D((3, 4, 4), "uint8"))
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, (a, b)
+        assert torch.equal(a, b)
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(a, b)
+    elif isinstance(a, list):
+        assert len(a) == len(b) and all(_same(x, y) is None for x, y in zip(a, b))
+    else:
+        assert type(a) is type(b) and a == b, (a, b)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "numpy"])
+@pytest.mark.parametrize("view", ["whole", "shuffled", "selected", "columns"])
+def test_arrow_batch_reader_gives_exactly_the_rows_datasets_gives(fmt, view):
+    from hfdistill.data import ArrowBatchReader
+
+    dataset = _mixed_dataset()
+    if view == "shuffled":
+        dataset = dataset.shuffle(seed=1)  # an indices mapping over the Arrow table
+    elif view == "selected":
+        dataset = dataset.select([5, 3, 30, 3, 0, 12])
+    dataset = dataset.with_format(fmt, columns=["pixel_values", "labels", "text"] if view == "columns" else None)
+    assert ArrowBatchReader.supports(dataset)
+    reader = ArrowBatchReader(dataset)
+    indices = [4, 0, 2, 2, len(dataset) - 1]
+    expected = dataset.__getitems__(indices)
+    got = reader.__getitems__(indices)
+    assert len(got) == len(expected)
+    for row, want in zip(got, expected):
+        assert list(row) == list(want)
+        for key in want:
+            _same(row[key], want[key])
+    _same_row = reader[1]
+    assert list(_same_row) == list(dataset[1])
+
+
+def test_arrow_batch_reader_is_not_used_where_datasets_must_format():
+    from hfdistill.data import ArrowBatchReader
+
+    dataset = _mixed_dataset()
+    assert not ArrowBatchReader.supports(dataset)  # python format: rows are lists, collators may want them
+    assert not ArrowBatchReader.supports(dataset.with_transform(lambda batch: batch))
+    assert not ArrowBatchReader.supports(dataset.with_format("torch", dtype=torch.float16))  # its own options
+    assert not ArrowBatchReader.supports([{"x": 1}])
+
+
+def test_trainer_reads_a_torch_format_dataset_in_batches_with_the_same_batches(tmp_path, monkeypatch):
+    """The trainer's loaders read a datasets.Dataset through the reader, batch for batch as datasets would."""
+    import datasets
+    from transformers import default_data_collator
+
+    from hfdistill import DistillationConfig, DistillationTrainer
+    from hfdistill.data import ArrowBatchReader
+
+    from conftest import digits_dataset, tiny_timm
+
+    train, _ = digits_dataset(n_train=40)
+    rows = [train[i] for i in range(len(train))]
+    dataset = datasets.Dataset.from_dict({k: torch.stack([r[k] for r in rows]).numpy() if rows[0][k].dim() else
+                                          [int(r[k]) for r in rows] for k in rows[0]}).with_format("torch")
+    args = DistillationConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, report_to=[], use_cpu=True,
+                              seed=0)
+    trainer = DistillationTrainer(model=tiny_timm("test_efficientnet", seed=0), args=args, train_dataset=dataset,
+                                  eval_dataset=dataset)
+    calls = []
+    original = ArrowBatchReader.__getitems__
+    monkeypatch.setattr(ArrowBatchReader, "__getitems__", lambda self, idx: calls.append(len(idx)) or original(self, idx))
+    for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader()):
+        for batch in loader:
+            plain = default_data_collator(dataset.__getitems__(list(range(len(batch["labels"])))))
+            assert {k: (v.dtype, v.shape[1:]) for k, v in batch.items()} == \
+                {k: (v.dtype, v.shape[1:]) for k, v in plain.items()}
+    assert calls and max(calls) == 16  # one read per batch
