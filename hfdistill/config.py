@@ -29,6 +29,12 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "dtype the teacher runs in: auto (as loaded), float32, bfloat16 or float16. "
                   "Half precision halves the teacher's cost; its outputs are cast to float32 for the losses."},
     )
+    teacher_compile: bool = field(
+        default=False,
+        metadata={"help": "Compile the frozen teacher with torch.compile (backend and mode from "
+                  "`torch_compile_backend`/`torch_compile_mode`; `torch_compile` compiles the student). The first "
+                  "steps pay for the compilation; a long run on a GPU gains from it."},
+    )
     evaluate_teacher: bool = field(
         default=True,
         metadata={"help": "At the first evaluation, also evaluate the teacher once (`eval_teacher_*` metrics), "

@@ -33,9 +33,16 @@ POSITIONAL_INPUTS = ("pixel_values", "input_ids", "inputs", "x")
 
 
 def to_float(value: Any) -> Any:
-    """Half-precision tensors (and lists of them) as fp32; everything else unchanged."""
+    """Half-precision tensors (and lists of them) as fp32; everything else unchanged.
+
+    Called outside inference mode on what the teacher computed inside it, it also makes ordinary tensors of
+    inference tensors (which autograd cannot save for the losses' backward): the fp32 cast does it for half
+    precision, a clone for the rest (the only copy between the teacher and the losses).
+    """
     if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+        if value.is_floating_point() and value.dtype != torch.float32:
+            return value.float()
+        return value.clone() if value.is_inference() else value
     if isinstance(value, (list, tuple)):
         return [to_float(v) for v in value]
     return value
@@ -82,6 +89,8 @@ class Teacher:
         inputs_fn: optional ``batch -> teacher inputs``; by default the batch's ``teacher_*`` fields
             (prefix removed) and otherwise the student's inputs (``shared_input_names``).
         shared_input_names: batch fields the teacher may take from the student's inputs.
+        compile_options: ``torch.compile`` arguments (``backend``, ``mode``) to compile the teacher with,
+            in place (``nn.Module.compile``: it stays the same object, with its taps' hooks traced in).
     """
 
     def __init__(
@@ -93,6 +102,7 @@ class Teacher:
         dtype: str = "auto",
         inputs_fn: Callable[[dict], dict] | None = None,
         shared_input_names: Iterable[str] = (),
+        compile_options: dict | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise DistillationError(f"the teacher must be an nn.Module, got {type(model).__name__}")
@@ -113,6 +123,8 @@ class Teacher:
         self.taps = ModelTaps(model, taps, "teacher")
         self.taps.check_paths()
         use_eager_attention_if_needed(model, self.taps)
+        if compile_options is not None:
+            model.compile(**{k: v for k, v in compile_options.items() if v is not None})
 
     # ---- inputs ----
     def call_inputs(self, batch: dict) -> dict:
@@ -127,20 +139,24 @@ class Teacher:
         return call_model(self.model, inputs, self.input_names, **forward_kwargs)  # half inputs for a half teacher
 
     # ---- the interface ----
-    @torch.no_grad()
+    # The teacher runs under inference mode: no autograd bookkeeping at all (no version counters, no views
+    # tracked), which no_grad still does. Its outputs are then inference tensors, for evaluation only.
+    @torch.inference_mode()
     def outputs(self, batch: dict) -> Any:
-        """The teacher's own outputs for a batch (no taps recorded)."""
+        """The teacher's own outputs for a batch (no taps recorded); inference tensors, not for a backward."""
         self.model.eval()  # whatever called .train() on it, the teacher runs in eval mode
         return self._forward(self.call_inputs(batch), {})
 
-    @torch.no_grad()
     def features(self, batch: dict) -> dict[str, Any]:
-        """The tapped teacher values for a batch, in fp32 (the terms compute in fp32)."""
+        """The tapped teacher values for a batch, in fp32 (the terms compute in fp32), as ordinary tensors
+        the losses may keep for their backward."""
         self.model.eval()
         with self.taps.recording():
-            outputs = self._forward(self.call_inputs(batch), self.taps.forward_kwargs)
+            with torch.inference_mode():
+                outputs = self._forward(self.call_inputs(batch), self.taps.forward_kwargs)
+                tapped = self.taps.gather(outputs)
         try:
-            return {k: to_float(v) for k, v in self.taps.gather(outputs).items()}
+            return {k: to_float(v) for k, v in tapped.items()}
         finally:
             self.taps.clear()
 

@@ -150,8 +150,13 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             self.frozen_teacher = teacher
         else:
             shared = self._student_input_names - set(self.label_names)
+            compile_options = None
+            if self.args.teacher_compile:
+                compile_options = {"backend": self.args.torch_compile_backend or "inductor",
+                                   "mode": self.args.torch_compile_mode}
             self.frozen_teacher = Teacher(teacher, teacher_taps, device=self.args.device, dtype=self.args.teacher_dtype,
-                                          inputs_fn=teacher_inputs, shared_input_names=shared)
+                                          inputs_fn=teacher_inputs, shared_input_names=shared,
+                                          compile_options=compile_options)
         self.teacher = getattr(self.frozen_teacher, "model", None)
         # A cache of teacher outputs (hfdistill.cache) reads rows by example index: every training batch
         # carries it; the cache refuses terms that need the live teacher, taps it lacks, data of another size.
