@@ -7,6 +7,9 @@
                     [--batch_size N] [--dotted.key value ...]     run the teacher once over the training
                                                           data and store what the terms read (hfdistill.cache)
     hfdistill losses [--markdown | --update-readme README.md]
+    hfdistill suggest TEACHER STUDENT [--task T] [--input-size N] [--method LOSS]
+                                                          pair the two models' layers in a dry run and print
+                                                          a `terms:` block for them (hfdistill.suggest)
     hfdistill push OUTPUT_DIR --hub_model_id USER/NAME
 
 ``train`` and ``check`` call the same functions a Python user would (:func:`hfdistill.run`,
@@ -32,6 +35,7 @@ from .errors import BadInputError, HfdistillError, HubError, RecipeError
 from .outputs import RECIPE_NAME as RECIPE_FILE_NAME  # noqa: F401 - kept for callers of the old name
 from .recipe import apply_overrides, load_recipe, parse_overrides  # noqa: F401 - the CLI's overrides, re-exported
 from .run import RunInterrupted, run, run_recipe  # noqa: F401 - run_recipe: the public API of before
+from .tasks import TASK_NAMES
 from .tasks import accuracy  # noqa: F401 - moved to hfdistill.tasks; kept importable from here
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -123,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "push", add_help=False, help="push a finished result folder to the Hub (`hfdistill push --help`)"
     )
+    suggest = commands.add_parser(
+        "suggest", help="suggest tap pairs and a ready `terms:` block for a teacher and a student",
+        description="Build both models by the names recipes use, without pretrained weights, run each once on an "
+        "example input, pair their stage outputs (CNNs, by output stride) or layers (transformers, by layer "
+        "proportion), and print each pair's shapes and adapter, then a `terms:` block to paste into a recipe.",
+    )
+    suggest.add_argument("teacher", help="the teacher: timm:<name>, a transformers id, a local folder, package:<module>")
+    suggest.add_argument("student", help="the student, named the same ways")
+    suggest.add_argument("--task", choices=list(TASK_NAMES), help="the task (default: read from the models)")
+    suggest.add_argument("--input-size", type=int, metavar="N",
+                         help="side of the example image (default: each model's own); for text, the number of tokens")
+    suggest.add_argument("--method", metavar="LOSS",
+                         help="a registered loss that reads features (default: mse, FitNets-style hints; at: "
+                              "attention maps, no adapters)")
+    suggest.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     losses = commands.add_parser("losses", help="list the registered distillation methods")
     losses.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's)")
     losses.add_argument("--update-readme", metavar="README", help="rewrite the table between the README's markers")
@@ -168,6 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[DEBUG_ENV] = "1"
     if args.command == "cache":
         return guarded(lambda: _cache_command(args, extra))
+    if args.command == "suggest":
+        if extra:
+            _error(f"unexpected arguments {extra}; `hfdistill suggest` takes TEACHER STUDENT [--task T] [--input-size N] "
+                   "[--method LOSS]")
+            return EXIT_BAD_INPUT
+        return guarded(lambda: _suggest_command(args))
     if args.command == "check":
         return guarded(lambda: _check_command(args.recipe, extra))
     if getattr(args, "overwrite", False):
