@@ -17,11 +17,14 @@ same teacher, the same student initialisation per seed, the same data and the sa
     python benchmarks/methods_fashion_mnist.py --only kd fitnet_two_stage --seeds 1
     python benchmarks/methods_fashion_mnist.py --quick                  # every recipe, a few steps (checks they all run)
     python benchmarks/methods_fashion_mnist.py --list                   # the rows and their terms
+    python benchmarks/methods_fashion_mnist.py --plot-only              # the chart, from the committed .jsonl
 
 Results go to ``--out`` (markdown) and a ``.jsonl`` of the runs next to it, rewritten after every run,
-so partial results survive an interruption; ``--resume`` skips runs already in the ``.jsonl`` with the
-same settings. Teachers are trained into ``--cache-dir`` (the recipes' own "train it first when the
-folder does not exist" chain) and reused from there.
+so partial results survive an interruption, and at the end a chart of each method's gain over the baseline
+with its spread over seeds (``.png``, linked from the report; needs matplotlib: ``pip install
+hfdistill[plots]``; ``--plot-only`` redraws it from the ``.jsonl`` without training); ``--resume`` skips runs
+already in the ``.jsonl`` with the same settings. Teachers are trained into ``--cache-dir`` (the recipes' own
+"train it first when the folder does not exist" chain) and reused from there.
 """
 
 from __future__ import annotations
@@ -329,7 +332,7 @@ def schedule(recipe: Recipe, overrides: dict) -> str:
             + ("no gradient clipping" if not clip else f"gradient clipping at norm {clip:g}"))
 
 
-def write_report(path: Path, records: list[dict], specs: dict, info: dict) -> None:
+def write_report(path: Path, records: list[dict], specs: dict, info: dict, chart: Path | None = None) -> None:
     ok = [r for r in records if "accuracy" in r]
     failed = [r for r in records if "error" in r]
     diverged_runs = [r for r in records if "diverged" in r]
@@ -402,6 +405,8 @@ def write_report(path: Path, records: list[dict], specs: dict, info: dict) -> No
         lines += ["", f"Not run yet: {', '.join(pending)}."]
 
     lines += ["", "## Reading the table", ""]
+    if chart is not None:
+        lines += [f"![Each method's test accuracy gain over the baseline, with its spread over seeds]({chart.name})", ""]
     if base:
         base_text = f"{base_mean:.4f}" + (f" ± {base_std:.4f}" if base_std is not None else "")
         lines.append(f"The baseline (student alone) reaches {base_text}. "
@@ -449,6 +454,50 @@ def write_report(path: Path, records: list[dict], specs: dict, info: dict) -> No
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+# ------------------------------------------------------------------------------------ chart
+def gain_rows(records: list[dict], specs: dict | None = None) -> tuple[list[dict], float | None, list[str]]:
+    """``(rows, noise, left out)`` for :func:`hfdistill.plots.plot_method_gains`, from the runs' records.
+
+    Each method's gain is its mean accuracy minus the baseline's (as the table's "vs baseline"), in points;
+    its spread is the standard deviation over seeds of the per-seed gains (the same seed's baseline run),
+    for methods run with several seeds. ``noise`` is the table's seed-noise threshold (2 baseline std) in
+    points. Rows are sorted by gain, largest first; ``left out`` names the methods without an accuracy.
+    """
+    by_method: dict[str, dict[int, float]] = {}
+    for r in records:
+        if "accuracy" in r:
+            by_method.setdefault(r["method"], {})[r["seed"]] = r["accuracy"]
+    base = by_method.get("baseline")
+    if not base:
+        return [], None, []
+    base_mean, base_std = mean_std(list(base.values()))
+    rows = []
+    for method, runs in by_method.items():
+        if method == "baseline" or (specs is not None and method not in specs):
+            continue
+        paired = [100 * (acc - base[seed]) for seed, acc in runs.items() if seed in base]
+        rows.append({"method": method, "gain": 100 * (statistics.fmean(runs.values()) - base_mean),
+                     "std": statistics.stdev(paired) if len(paired) > 1 else None, "seeds": len(runs)})
+    rows.sort(key=lambda row: row["gain"], reverse=True)
+    left_out = sorted({r["method"] for r in records if "accuracy" not in r} - set(by_method))
+    return rows, (200 * base_std if base_std else None), left_out
+
+
+def write_chart(path: Path, records: list[dict], specs: dict | None = None) -> Path | None:
+    """The gains chart (``.png``); None when matplotlib is not installed or nothing ran with a baseline."""
+    from hfdistill.plots import matplotlib_available, plot_method_gains
+
+    rows, noise, left_out = gain_rows(records, specs)
+    if not rows or not matplotlib_available():
+        return None
+    base = [r["accuracy"] for r in records if r["method"] == "baseline" and "accuracy" in r]
+    note = (f"Baseline (student alone): {statistics.fmean(base):.4f} over {len(base)} seed(s). Grey band: "
+            f"within seed noise (2 baseline std{f', {noise:.2f} points' if noise else ''}); grey bars fall in it."
+            + (f" Not shown (no accuracy: diverged or failed): {', '.join(left_out)}." if left_out else ""))
+    return plot_method_gains(rows, path, metric="accuracy", noise=noise, note=note,
+                             title="Fashion-MNIST: test accuracy gain over the student trained alone")
+
+
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -470,6 +519,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", "--dry-run", dest="quick", action="store_true",
                         help="every row for a few steps on 512 images, 1 seed, results under /tmp (checks that all run)")
     parser.add_argument("--list", action="store_true", help="print the rows and their terms, then exit")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="draw the chart (.png next to --out) from the runs in the .jsonl next to --out, "
+                        "without training; needs matplotlib (pip install hfdistill[plots])")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_samples = args.train_samples or 512
@@ -494,6 +546,20 @@ def main(argv=None) -> int:
     if args.list:
         for name, spec in specs.items():
             print(f"{name:18s} {describe_terms(spec)}")
+        return 0
+    if args.plot_only:
+        out = Path(args.out)
+        jsonl = out.with_suffix(".jsonl")
+        if not jsonl.is_file():
+            print(f"--plot-only: no results at {jsonl}; run the benchmark first", file=sys.stderr)
+            return 2
+        records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        chart = write_chart(out.with_suffix(".png"), records)
+        if chart is None:
+            print("--plot-only: nothing drawn (matplotlib is not installed, or the results have no baseline)",
+                  file=sys.stderr)
+            return 1
+        log(f"chart of {jsonl.name} written to {chart}")
         return 0
     chosen = list(specs) if args.methods == ["all"] else args.methods
     unknown = [m for m in chosen if m not in specs]
@@ -523,9 +589,10 @@ def main(argv=None) -> int:
     def save(running: bool) -> None:
         jsonl.parent.mkdir(parents=True, exist_ok=True)
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+        chart = None if running else write_chart(out.with_suffix(".png"), records, {m: specs[m] for m in chosen})
         write_report(out, records, {m: specs[m] for m in chosen},
                      {**info, "teacher": bench.teacher_info(bench.cache / "teacher"),
-                      "total_seconds": time.perf_counter() - started, "running": running})
+                      "total_seconds": time.perf_counter() - started, "running": running}, chart=chart)
 
     todo = [p for p in plan if p not in done]
     log(f"{len(todo)} run(s) to do: {', '.join(f'{m}/{s}' for m, s in todo)}")

@@ -7,7 +7,12 @@ and returns a ``huggingface_hub.ModelCard`` whose metadata has been validated by
 names the teacher and student, each recipe term with its weight and paper (from the loss registry),
 the compression, teacher vs student metrics, the command to reproduce and how to load it. A student trained
 with peers (DML) lists them and their metrics beside its own (``peers``); a peer's own card says whose
-peer it is (``peer_of``).
+peer it is (``peer_of``). When the run also trained the student alone (``student.baseline``), the card shows
+that baseline beside the distilled student, clearly labelled, with the seeds' values and one plain sentence
+of what distillation was worth (``baseline_metrics``, ``comparison``: a
+:class:`hfdistill.summary.SeedComparison`'s data); the model-index (metadata) holds the distilled student's
+metrics only. Pictures written next to the student (:mod:`hfdistill.plots`) are embedded with relative links
+(``plots``), or one line says why there are none (``plots_note``).
 
 :func:`write_model_card` writes ``README.md`` plus ``distill_results.json``, the same values as data
 (the metrics travel with the student, and ``hfdistill push`` can re-render the card for another repo).
@@ -26,7 +31,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .outputs import ALL_RESULTS_NAME, CARD_NAME, EVAL_RESULTS_NAME, RECIPE_NAME, RESULTS_NAME, hub_repo_id
-from .summary import folder_stats, format_bytes, format_count, model_stats  # noqa: F401 - model_stats re-exported
+from .summary import COMPARISON_PREFIX, SeedComparison, folder_stats, format_bytes, format_count
+from .summary import model_stats  # noqa: F401 - re-exported
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "modelcard.md"
 BASE_TAGS = ["hfdistill", "knowledge-distillation", "distillation"]
@@ -248,7 +254,7 @@ def metrics_from_log_history(log_history: list[dict]) -> tuple[dict, dict, dict]
     for entry in log_history:
         if "train_runtime" in entry or "train_loss" in entry:
             train = {k: v for k, v in entry.items() if k.startswith("train_") or k in ("epoch", "total_flos")}
-        evals = {k: v for k, v in entry.items() if k.startswith("eval_")}
+        evals = {k: v for k, v in entry.items() if k.startswith("eval_") and not k.startswith(COMPARISON_PREFIX)}
         own = {k: v for k, v in evals.items() if not k.startswith("eval_teacher_")}
         if own:
             student = {**own, **({"epoch": entry["epoch"]} if "epoch" in entry else {})}
@@ -286,6 +292,10 @@ def build_model_card(
     training_hyperparameters: Mapping[str, Any] | None = None,
     peers: list[Mapping[str, Any]] | None = None,
     peer_of: str | None = None,
+    baseline_metrics: Mapping[str, float] | None = None,
+    comparison: Mapping[str, Any] | None = None,
+    plots: list[Mapping[str, Any]] | None = None,
+    plots_note: str | None = None,
     **unused: Any,
 ):
     """The model card of a distilled student, as a validated ``huggingface_hub.ModelCard``.
@@ -311,6 +321,14 @@ def build_model_card(
             "metrics"}`` (``folder`` relative to this folder's parent; ``metrics`` as ``student_metrics``):
             a column of the results table each, and a section saying where they are.
         peer_of: for a peer's own card, the name of the student it was trained with.
+        baseline_metrics: the evaluation metrics of the same student trained alone, without the teacher
+            (``student.baseline``; the published student's seed), as ``student_metrics``: a column of the
+            results table labelled as the baseline. Never in the model-index.
+        comparison: :meth:`hfdistill.summary.SeedComparison.to_dict` (distilled vs. alone per seed): the
+            per-seed table, mean +- std, and the sentence of what the gain was worth.
+        plots: pictures in the student folder, ``{"path" (relative), "alt", "caption", "kind"}``
+            (:func:`hfdistill.plots.write_run_plots`); ``kind`` ``losses`` goes with the recipe, the rest with
+            the results. plots_note: one line shown instead (e.g. matplotlib is not installed).
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -363,10 +381,18 @@ def build_model_card(
                                  _ratio(teacher_latency_ms, student_latency_ms, "faster")])
     peer_list = [dict(peer) for peer in peers or []]
     peer_evals = [split_metrics(peer.get("metrics"))[0] for peer in peer_list]
-    names = list(dict.fromkeys([*student_eval, *teacher_eval, *(m for values in peer_evals for m in values)]))
-    results_rows = [[m, format_metric(teacher_eval.get(m)), format_metric(student_eval.get(m)),
+    baseline_eval = split_metrics(baseline_metrics)[0] if baseline_metrics else {}
+    seeds = SeedComparison.from_dict(comparison)
+    names = list(dict.fromkeys([*student_eval, *teacher_eval, *baseline_eval,
+                                *(m for values in peer_evals for m in values)]))
+    names.sort(key=lambda m: m.endswith("loss"))  # quality metrics first, losses after
+    baseline_cells = (lambda m: [format_metric(baseline_eval.get(m))]) if baseline_eval else (lambda m: [])
+    results_rows = [[m, format_metric(teacher_eval.get(m)), *baseline_cells(m), format_metric(student_eval.get(m)),
                      *(format_metric(values.get(m)) for values in peer_evals)] for m in names]
-    results_header = ["Metric", "Teacher", "Student", *(f"Peer `{peer['name']}`" for peer in peer_list)]
+    results_header = ["Metric", "Teacher", *(["Student alone (baseline, no teacher)"] if baseline_eval else []),
+                      "Distilled student" if baseline_eval else "Student",
+                      *(f"Peer `{peer['name']}`" for peer in peer_list)]
+    plot_list = [dict(plot) for plot in plots or []]
     hyper_rows = [[f"`{k}`", str(v)] for k, v in (training_hyperparameters or {}).items() if v is not None]
 
     snippet_input = EXAMPLE_INPUT.get(pipeline_tag or "", '"..."')
@@ -384,6 +410,12 @@ def build_model_card(
         "compression_table": _table(["", "Teacher", "Student", "Ratio"], compression_rows) if compression_rows else None,
         "latency_setup": latency_setup,
         "results_table": _table(results_header, results_rows) if results_rows else None,
+        "baseline_note": _baseline_note(seeds) if baseline_eval else None,
+        "gain_sentence": _gain_sentence(seeds),
+        "seeds_text": _seeds_text(seeds),
+        "loss_plots": [p for p in plot_list if p.get("kind") == "losses"],
+        "result_plots": [p for p in plot_list if p.get("kind") != "losses"],
+        "plots_note": plots_note,
         "pipeline_tag": pipeline_tag,
         "pipeline_snippet": f'{variable} = pipeline("{pipeline_tag}", model="{model_id}")\n{variable}({snippet_input})',
         "library_name": library_name,
@@ -402,6 +434,34 @@ def build_model_card(
     # Parse back what we wrote: the metadata must survive a round trip through ModelCardData.
     ModelCard(str(card))
     return card
+
+
+def _gain_sentence(seeds: SeedComparison | None) -> str | None:
+    if seeds is None:
+        return None
+    return f"**What distillation was worth:** {seeds.sentence}."
+
+
+def _baseline_note(seeds: SeedComparison | None) -> str:
+    first = f" (seed {seeds.seeds[0]}, as this model)" if seeds is not None else ""
+    return ("*Student alone (baseline)* is not this model: it is the same student architecture trained on the same "
+            f"data with the same schedule and seed{first}, without the teacher (`student.baseline`). It is there to "
+            "show what the teacher added; the metadata (model-index) reports this model, the distilled student, only.")
+
+
+def _seeds_text(seeds: SeedComparison | None) -> str | None:
+    """The per-seed table (published seed first) and the mean +- std, when more than one seed ran."""
+    if seeds is None or seeds.n < 2:
+        return None
+    data = seeds.to_dict()
+    rows = [[f"{seed}" + (" (this model)" if i == 0 else ""), format_metric(a), format_metric(d), f"{g:+.2f}"]
+            for i, (seed, a, d, g) in enumerate(zip(seeds.seeds, seeds.alone, seeds.distilled, seeds.gains))]
+    rows.append(["mean ± std", f"{data['alone_mean']:.4f} ± {data['alone_std']:.4f}",
+                 f"{data['distilled_mean']:.4f} ± {data['distilled_std']:.4f}",
+                 f"{seeds.gain:+.2f} ± {seeds.gain_std:.2f}"])
+    header = ["Seed", f"Student alone: {seeds.metric}", f"Distilled: {seeds.metric}", f"Gain ({seeds.metric} points)"]
+    return (f"Both were trained with {seeds.n} seeds (the same initialisation per seed for both; only the teacher "
+            f"differs):\n\n" + _table(header, rows))
 
 
 def _insert_before(text: str, heading: str, block: str) -> str:

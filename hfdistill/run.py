@@ -958,6 +958,7 @@ def _write_card(plan: Plan, command: str | None) -> None:
     )
     if plan.recipe.stages:
         info["stages"] = stage_table(final)
+    info.update(_result_extras(plan, batch))
     main_id = os.path.basename(os.path.abspath(plan.output_dir))
     if final.peers:  # their metrics beside the student's, and where they are (relative: no local paths)
         parent = os.path.dirname(os.path.abspath(plan.output_dir))
@@ -968,9 +969,29 @@ def _write_card(plan: Plan, command: str | None) -> None:
     for peer in final.peers:  # each peer's own card: the same recipe and run, its own numbers
         row = rows.get(peer.name)
         values = {**info, "peers": None, "stages": None, "peer_of": main_id, "model_id": f"{main_id}-{peer.name}",
-                  "student_latency_ms": row.latency_ms.get(batch) if row is not None and batch else None}
+                  "student_latency_ms": row.latency_ms.get(batch) if row is not None and batch else None,
+                  "baseline_metrics": None, "comparison": None, "plots": None, "plots_note": None}
         peer.trainer.set_card_info(**values)
         peer.trainer.create_model_card()
+
+
+def _result_extras(plan: Plan, batch: int | None) -> dict:
+    """The card's baseline and seeds comparison, the pictures (drawn into the student folder) and, sent to
+    the trackers (``report_to``), the final comparison; from the summary's rows and :func:`compare_seeds`."""
+    from .plots import tradeoff_points, write_run_plots
+    from .summary import compare_seeds, comparison_logs, log_to_trackers
+
+    final, metric = plan.final, plan.task.metric
+    comparison = compare_seeds(plan.jobs, metric)
+    alone = next((job for job in plan.jobs if job.comparison == "no teacher" and not job.extra_seed), None)
+    roles = {"teacher": "teacher", "alone": alone.label if alone is not None else None, "distilled": final.label}
+    histories = [(stage.name, stage.trainer.state.log_history) for stage in final.stages if stage.trainer is not None]
+    extras = write_run_plots(plan.output_dir, histories=histories, metric=metric,
+                             latency_setup=f"batch {batch}" if batch else None,
+                             points=tradeoff_points(plan.rows, metric, roles, comparison))
+    log_to_trackers(final.trainer, comparison_logs(plan.rows, comparison, metric, roles))
+    return {**extras, "baseline_metrics": dict(alone.metrics) if alone is not None else None,
+            "comparison": comparison.to_dict() if comparison is not None else None}
 
 
 def stage_table(job: Job) -> list[dict]:
@@ -1078,27 +1099,12 @@ def _input_channels(model: Any) -> int | None:
 
 
 def _seed_comparison(plan: Plan, metric: str = "accuracy") -> list[str]:
-    """Distilled vs no-teacher metric, per seed and as mean +- std when several seeds ran."""
-    import numpy as np
+    """Distilled vs no-teacher metric, per seed and as mean +- std when several seeds ran (computed once, by
+    :func:`hfdistill.summary.compare_seeds`, which the card, the plots and the trackers read too)."""
+    from .summary import compare_seeds
 
-    by_seed: dict[int, dict[str, float]] = {}
-    for job in plan.jobs:
-        value = job.metrics.get(f"eval_{metric}")
-        if job.comparison is not None and value is not None:
-            by_seed.setdefault(job.seed, {})[job.comparison] = value
-    pairs = [(v["no teacher"], v["distilled"]) for _, v in sorted(by_seed.items()) if len(v) == 2]
-    if not pairs:
-        return []
-    if len(pairs) == 1:
-        return [f"distillation vs. no teacher: {100 * (pairs[0][1] - pairs[0][0]):+.2f} {metric} points"]
-    base, distilled = np.array(pairs).T
-    gains = 100 * (distilled - base)
-    return [
-        f"over {len(pairs)} seeds ({', '.join(str(s) for s in sorted(by_seed))}): "
-        f"no teacher {base.mean():.4f} +- {base.std(ddof=1):.4f}, distilled {distilled.mean():.4f} +- "
-        f"{distilled.std(ddof=1):.4f}; distillation vs. no teacher {gains.mean():+.2f} +- {gains.std(ddof=1):.2f} "
-        f"{metric} points (per seed: {', '.join(f'{g:+.2f}' for g in gains)})"
-    ]
+    comparison = compare_seeds(plan.jobs, metric)
+    return comparison.lines() if comparison is not None else []
 
 
 def _device_name(trainer: Any) -> str:

@@ -8,6 +8,12 @@ Model size is computed here, once, for the summary and for the model card (:mod:
 
 Latency is measured here, on this machine: a few warm-up calls, then the median of timed calls,
 reported per example for batch size 1 and for a larger batch.
+
+What distillation was worth is computed here, once, for the summary, the model card, the plots and the
+trackers: :func:`compare_seeds` pairs the distilled student with the same student trained alone (the
+``student.baseline`` runs, over ``student.baseline_seeds`` seeds) into a :class:`SeedComparison`;
+:func:`comparison_logs` turns it and the summary's rows into scalars, and :func:`log_to_trackers` sends
+those to whatever the trainer reports to (``report_to``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -182,3 +188,162 @@ def format_summary(rows: list[ModelRow], metric: str = "accuracy") -> str:
 
 def _short(name: str, width: int = 40) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+# ----------------------------------------------------------------------------- distilled vs. trained alone
+NO_TEACHER, DISTILLED = "no teacher", "distilled"  # the values of a run job's ``comparison``
+COMPARISON_PREFIX = "eval_comparison_"  # tracker keys of the final comparison (TensorBoard: eval/comparison_*)
+
+
+@dataclass
+class SeedComparison:
+    """The distilled student against the same student trained alone (no teacher), seed by seed.
+
+    ``alone[i]`` and ``distilled[i]`` are the ``metric`` of the two runs of ``seeds[i]`` (the same
+    initialisation, data and schedule; only the teacher differs). Gains are in points (x100: accuracy
+    0.9733 vs 0.9599 is +1.34 points). The first seed is the run whose student is saved and published.
+    """
+
+    metric: str
+    seeds: list[int]
+    alone: list[float]
+    distilled: list[float]
+
+    @property
+    def gains(self) -> list[float]:
+        return [100.0 * (d - a) for a, d in zip(self.alone, self.distilled)]
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def gain(self) -> float:
+        """Mean gain over the seeds, in points."""
+        return statistics.fmean(self.gains)
+
+    @property
+    def gain_std(self) -> float | None:
+        """Sample standard deviation of the gains over the seeds (None for one seed)."""
+        return statistics.stdev(self.gains) if self.n > 1 else None
+
+    @staticmethod
+    def _mean_std(values: list[float]) -> tuple[float, float | None]:
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+    @property
+    def verdict(self) -> str:
+        """How the gain compares with its spread over seeds, in words (honest about noise)."""
+        if self.n == 1:
+            return "one seed: too few to tell the gain from seed-to-seed noise"
+        spread = self.gain_std or 0.0
+        if abs(self.gain) <= spread:
+            return "within noise (not larger than its spread over seeds)" if self.gain or spread else "no difference"
+        if self.gain > 0:
+            return "larger than its spread over seeds"
+        return "a loss larger than its spread over seeds"
+
+    @property
+    def sentence(self) -> str:
+        """``+0.87 ± 0.75 accuracy points over the same student trained alone, 5 seeds (better on 4); ...``."""
+        seeds = f"{self.n} seed{'s' if self.n > 1 else ''}"
+        if self.n == 1:
+            return f"{self.gain:+.2f} {self.metric} points over the same student trained alone, {seeds}; {self.verdict}"
+        better = sum(g > 0 for g in self.gains)
+        return (f"{self.gain:+.2f} ± {self.gain_std:.2f} {self.metric} points over the same student trained alone, "
+                f"{seeds} (better on {better} of {self.n}); {self.verdict}")
+
+    def lines(self) -> list[str]:
+        """The summary's line (the format the README's quickstart shows)."""
+        if self.n == 1:
+            return [f"distillation vs. no teacher: {self.gains[0]:+.2f} {self.metric} points"]
+        (alone, alone_std), (distilled, distilled_std) = self._mean_std(self.alone), self._mean_std(self.distilled)
+        return [
+            f"over {self.n} seeds ({', '.join(str(s) for s in self.seeds)}): "
+            f"no teacher {alone:.4f} +- {alone_std:.4f}, distilled {distilled:.4f} +- {distilled_std:.4f}; "
+            f"distillation vs. no teacher {self.gain:+.2f} +- {self.gain_std:.2f} {self.metric} points "
+            f"(per seed: {', '.join(f'{g:+.2f}' for g in self.gains)})"
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for ``distill_results.json`` and the card (derived values included, for readers)."""
+        (alone, alone_std), (distilled, distilled_std) = self._mean_std(self.alone), self._mean_std(self.distilled)
+        return {"metric": self.metric, "seeds": list(self.seeds), "alone": list(self.alone),
+                "distilled": list(self.distilled), "gains_points": [round(g, 6) for g in self.gains],
+                "alone_mean": alone, "alone_std": alone_std, "distilled_mean": distilled,
+                "distilled_std": distilled_std, "gain_points": self.gain, "gain_std_points": self.gain_std,
+                "sentence": self.sentence}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "SeedComparison | None":
+        if not data or not data.get("seeds"):
+            return None
+        return cls(str(data["metric"]), [int(s) for s in data["seeds"]], [float(v) for v in data["alone"]],
+                   [float(v) for v in data["distilled"]])
+
+
+def compare_seeds(jobs: Iterable[Any], metric: str = "accuracy") -> SeedComparison | None:
+    """The distilled-vs-alone comparison of a run's jobs (objects with ``comparison``, ``seed`` and eval
+    ``metrics``: :class:`hfdistill.run.Job`); None without a seed that has both runs.
+
+    The seeds are in run order of the plan's first seed (the published student's) first, then the rest ascending.
+    """
+    by_seed: dict[int, dict[str, float]] = {}
+    first = None
+    for job in jobs:
+        value = (job.metrics or {}).get(f"eval_{metric}")
+        if job.comparison in (NO_TEACHER, DISTILLED) and value is not None:
+            by_seed.setdefault(job.seed, {})[job.comparison] = float(value)
+            if not getattr(job, "extra_seed", False):
+                first = job.seed
+    seeds = [s for s in sorted(by_seed) if len(by_seed[s]) == 2]
+    if not seeds:
+        return None
+    if first in seeds:  # the published student's seed first (it is the smallest in plans made by hfdistill.run)
+        seeds = [first] + [s for s in seeds if s != first]
+    return SeedComparison(metric, seeds, [by_seed[s][NO_TEACHER] for s in seeds], [by_seed[s][DISTILLED] for s in seeds])
+
+
+def comparison_logs(rows: list[ModelRow], comparison: SeedComparison | None, metric: str,
+                    roles: Mapping[str, str]) -> dict[str, float]:
+    """The final comparison as tracker scalars, ``eval_comparison_*`` (TensorBoard and W&B show ``eval/comparison_*``).
+
+    ``roles`` maps ``teacher``/``alone``/``distilled`` (the student trained alone, the distilled student) to the
+    summary rows' roles; the keys name the scalars (``eval_comparison_alone_accuracy``). Per model: the metric,
+    parameters and latency (ms per example at the largest batch measured); with a comparison: the gain in
+    points (mean over seeds), its standard deviation, the number of seeds, and both sides' means.
+    """
+    logs: dict[str, float] = {}
+    by_role = {row.role: row for row in rows}
+    for name, role in roles.items():
+        row = by_role.get(role)
+        if row is None:
+            continue
+        value = row.metrics.get(metric)
+        if isinstance(value, (int, float)):
+            logs[f"{COMPARISON_PREFIX}{name}_{metric}"] = float(value)
+        if row.params:
+            logs[f"{COMPARISON_PREFIX}{name}_params"] = float(row.params)
+        if row.latency_ms:
+            logs[f"{COMPARISON_PREFIX}{name}_latency_ms"] = float(row.latency_ms[max(row.latency_ms)])
+    if comparison is not None:
+        data = comparison.to_dict()
+        logs[f"{COMPARISON_PREFIX}gain_points"] = comparison.gain
+        if comparison.gain_std is not None:
+            logs[f"{COMPARISON_PREFIX}gain_std_points"] = comparison.gain_std
+        logs[f"{COMPARISON_PREFIX}seeds"] = float(comparison.n)
+        logs[f"{COMPARISON_PREFIX}alone_{metric}_mean"] = data["alone_mean"]
+        logs[f"{COMPARISON_PREFIX}distilled_{metric}_mean"] = data["distilled_mean"]
+    return logs
+
+
+def log_to_trackers(trainer: Any, logs: Mapping[str, float]) -> None:
+    """Send ``logs`` to every tracker ``trainer`` reports to (``report_to``: TensorBoard, W&B, MLflow, ...).
+
+    Through the trainer's own callback handler, as its logs go (``on_log``, at its last step), but without
+    adding them to ``trainer.state.log_history`` (which holds what training logged, and which the model card
+    reads for the student's metrics). Trackers log on the main process only.
+    """
+    if trainer is None or not logs or getattr(trainer, "callback_handler", None) is None:
+        return
+    trainer.callback_handler.on_log(trainer.args, trainer.state, trainer.control, dict(logs))

@@ -236,3 +236,137 @@ def test_card_and_hub_do_not_import_each_other():
     assert _hfdistill_imports("hub") <= {"errors", "outputs", "publish"}
     assert not {"card", "hub", "publish"} & _hfdistill_imports("summary")
     assert {"card", "hub"} <= _hfdistill_imports("publish")
+
+
+# ----------------------------------------------------------------------------- the baseline, the seeds, the pictures
+def _comparison(gains_alone_distilled=None, seeds=(42, 43, 44, 45, 46)):
+    from hfdistill.summary import SeedComparison
+
+    alone, distilled = gains_alone_distilled or ([0.9599, 0.9555, 0.9677, 0.9566, 0.9499],
+                                                 [0.9733, 0.9733, 0.9699, 0.9566, 0.9599])
+    return SeedComparison("accuracy", list(seeds), list(alone), list(distilled))
+
+
+def test_seed_comparison_says_what_the_gain_was_worth_and_keeps_the_summary_line():
+    from hfdistill.summary import SeedComparison
+
+    quickstart = _comparison()
+    assert [round(g, 2) for g in quickstart.gains] == [1.34, 1.78, 0.22, 0.0, 1.0]
+    assert quickstart.lines() == [  # the summary's line, as the README shows it
+        "over 5 seeds (42, 43, 44, 45, 46): no teacher 0.9579 +- 0.0065, distilled 0.9666 +- 0.0078; distillation "
+        "vs. no teacher +0.87 +- 0.75 accuracy points (per seed: +1.34, +1.78, +0.22, +0.00, +1.00)"]
+    assert quickstart.sentence == ("+0.87 ± 0.75 accuracy points over the same student trained alone, 5 seeds "
+                                   "(better on 4 of 5); larger than its spread over seeds")
+    noisy = _comparison(([0.90, 0.91, 0.92], [0.92, 0.90, 0.925]), seeds=(1, 2, 3))
+    assert noisy.sentence.endswith("3 seeds (better on 2 of 3); within noise (not larger than its spread over seeds)")
+    worse = _comparison(([0.90, 0.91, 0.92], [0.85, 0.87, 0.86]), seeds=(1, 2, 3))
+    assert worse.sentence.startswith("-5.00 ±") and worse.verdict == "a loss larger than its spread over seeds"
+    one = _comparison(([0.90], [0.92]), seeds=(7,))
+    assert one.lines() == ["distillation vs. no teacher: +2.00 accuracy points"]
+    assert one.sentence == ("+2.00 accuracy points over the same student trained alone, 1 seed; one seed: too few "
+                            "to tell the gain from seed-to-seed noise")
+    assert SeedComparison.from_dict(json.loads(json.dumps(quickstart.to_dict()))) == quickstart
+
+
+def test_card_shows_the_baseline_labelled_the_seeds_and_the_gain_and_the_index_holds_the_student_only():
+    comparison = _comparison(([0.90, 0.91, 0.92], [0.91, 0.90, 0.93]), seeds=(42, 43, 44))
+    card = full_card(baseline_metrics={"eval_accuracy": 0.90, "eval_loss": 0.4, "eval_runtime": 2.0},
+                     comparison=comparison.to_dict())
+    text = card.text
+    results = text.split("## Results")[1].split("\n## ")[0]
+    assert "| Metric | Teacher | Student alone (baseline, no teacher) | Distilled student |" in results
+    assert "| accuracy | 0.9500 | 0.9000 | 0.9100 |" in results and "| loss | - | 0.4000 | 0.3000 |" in results
+    assert "*Student alone (baseline)* is not this model" in results and "`student.baseline`" in results
+    assert ("**What distillation was worth:** +0.33 ± 1.15 accuracy points over the same student trained alone, "
+            "3 seeds (better on 2 of 3); within noise") in results
+    assert "| 42 (this model) | 0.9000 | 0.9100 | +1.00 |" in results and "| 44 | 0.9200 | 0.9300 | +1.00 |" in results
+    assert "| mean ± std | 0.9100 ± 0.0100 | 0.9133 ± 0.0153 | +0.33 ± 1.15 |" in results
+    data = ModelCard(str(card)).data  # the model-index: the distilled student's metrics, nothing else
+    assert [(r.metric_type, r.metric_value) for r in data.eval_results] == [("accuracy", 0.91)]
+    assert validate_card_metadata(str(card)) == []
+    # One seed: no seeds table, and the sentence says one seed cannot tell.
+    one = full_card(baseline_metrics={"eval_accuracy": 0.90}, comparison=_comparison(([0.90], [0.91]), (42,)).to_dict())
+    assert "| 42 (this model)" not in one.text and "1 seed; one seed: too few" in one.text
+    assert "Student alone (baseline" not in full_card().text  # no baseline: the card as before
+
+
+def test_card_embeds_the_pictures_with_relative_links_or_says_why_there_are_none(tmp_path):
+    from hfdistill.plots import LOSS_CURVES_NAME, MISSING_NOTE, TRADEOFF_NAME
+
+    plots = [{"kind": "losses", "path": LOSS_CURVES_NAME, "alt": "Training loss per term", "caption": "Losses."},
+             {"kind": "tradeoff", "path": TRADEOFF_NAME, "alt": "accuracy against parameters", "caption": "Size."}]
+    text = full_card(plots=plots).text
+    distilled, results = text.split("## How it was distilled")[1].split("## Results")
+    assert f"![Training loss per term]({LOSS_CURVES_NAME})" in distilled  # with the recipe
+    assert f"![accuracy against parameters]({TRADEOFF_NAME})" in results.split("## How to use")[0]
+    assert MISSING_NOTE not in text
+    assert MISSING_NOTE in full_card(plots_note=MISSING_NOTE).text and "![" not in full_card(plots_note=MISSING_NOTE).text
+    # distill_results.json keeps them: a card re-rendered for another repo (hfdistill push) still shows them.
+    write_model_card(tmp_path, model_id="user/a", recipe=RECIPE, pipeline_tag="image-classification",
+                     student_metrics={"eval_accuracy": 0.91}, baseline_metrics={"eval_accuracy": 0.9},
+                     comparison=_comparison().to_dict(), plots=plots)
+    refresh_card(tmp_path, "org/b")
+    again = (tmp_path / "README.md").read_text()
+    assert 'model="org/b"' in again and f"({TRADEOFF_NAME})" in again and "5 seeds (better on 4 of 5)" in again
+
+
+def test_the_final_comparison_is_never_read_as_the_students_evaluation():
+    history = [{"eval_accuracy": 0.6, "eval_loss": 1.0, "step": 4},
+               {"eval_comparison_gain_points": 1.5, "eval_comparison_alone_accuracy": 0.5, "step": 4}]
+    assert metrics_from_log_history(history)[1] == {"eval_accuracy": 0.6, "eval_loss": 1.0}
+
+
+# ----------------------------------------------------------------------------- a run with a baseline, end to end
+def _png_size(path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_run_with_a_baseline_writes_the_pictures_and_a_card_with_both_students(tmp_path):
+    pytest.importorskip("matplotlib")
+    import hfdistill
+    from hfdistill.plots import LOSS_CURVES_NAME, TRADEOFF_NAME
+    from test_cli import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, student__baseline=True, student__baseline_seeds=2)
+    result = hfdistill.run(Recipe.from_dict(recipe), print_summary=False)
+    folder = Path(result.output_dir)
+    for name in (LOSS_CURVES_NAME, TRADEOFF_NAME):
+        width, height = _png_size(folder / name)
+        assert 1000 <= width <= 1600 and height >= 400, name  # shown at the Hub's ~800 px, sharp on dense screens
+    text = (folder / "README.md").read_text()
+    assert f"]({LOSS_CURVES_NAME})" in text and f"]({TRADEOFF_NAME})" in text
+    assert "| Metric | Teacher | Student alone (baseline, no teacher) | Distilled student |" in text
+    assert "| 42 (this model) |" in text and "| 43 |" in text and "2 seeds (better on" in text
+    saved = json.loads((folder / "distill_results.json").read_text())
+    assert saved["comparison"]["seeds"] == [42, 43] and saved["plots"][0]["path"] == LOSS_CURVES_NAME
+    # One computation: the summary's seeds line is the card's comparison.
+    from hfdistill.summary import SeedComparison
+
+    assert SeedComparison.from_dict(saved["comparison"]).lines()[0] in result.summary
+    baseline = result.jobs[-2]
+    assert baseline.comparison == "no teacher" and not baseline.extra_seed
+    assert saved["baseline_metrics"]["eval_accuracy"] == baseline.metrics["eval_accuracy"]
+    data = ModelCard.load(folder / "README.md").data
+    assert [r.metric_value for r in data.eval_results if r.metric_type == "accuracy"] == \
+        [round(result.metrics["eval_accuracy"], 6)]
+
+
+def test_run_without_matplotlib_draws_nothing_and_says_so(tmp_path, monkeypatch):
+    import sys
+
+    import hfdistill
+    from hfdistill.plots import MISSING_NOTE, PLOTS_DIR
+    from test_cli import tiny_recipe
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails, as when not installed
+    recipe = tiny_recipe(tmp_path, student__baseline=True)
+    result = hfdistill.run(Recipe.from_dict(recipe), print_summary=False)
+    folder = Path(result.output_dir)
+    assert not (folder / PLOTS_DIR).exists()
+    text = (folder / "README.md").read_text()
+    assert text.count(MISSING_NOTE) == 1 and "![" not in text
+    assert "Student alone (baseline, no teacher)" in text and "1 seed; one seed: too few" in text
