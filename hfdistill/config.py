@@ -35,6 +35,12 @@ class DistillationConfig(TrainingArguments):
                   "`torch_compile_backend`/`torch_compile_mode`; `torch_compile` compiles the student). The first "
                   "steps pay for the compilation; a long run on a GPU gains from it."},
     )
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Run student and teacher in channels-last memory format (NHWC), with each batch's "
+                  "images converted once: faster convolutions on GPUs with tensor cores and with oneDNN on many "
+                  "CPUs; models without 4-d weights and inputs are unaffected."},
+    )
     evaluate_teacher: bool = field(
         default=True,
         metadata={"help": "At the first evaluation, also evaluate the teacher once (`eval_teacher_*` metrics), "

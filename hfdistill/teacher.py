@@ -91,6 +91,7 @@ class Teacher:
         shared_input_names: batch fields the teacher may take from the student's inputs.
         compile_options: ``torch.compile`` arguments (``backend``, ``mode``) to compile the teacher with,
             in place (``nn.Module.compile``: it stays the same object, with its taps' hooks traced in).
+        channels_last: put its 4-d weights in channels-last memory format (NHWC).
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class Teacher:
         inputs_fn: Callable[[dict], dict] | None = None,
         shared_input_names: Iterable[str] = (),
         compile_options: dict | None = None,
+        channels_last: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise DistillationError(f"the teacher must be an nn.Module, got {type(model).__name__}")
@@ -115,6 +117,8 @@ class Teacher:
             model.to(device=device, dtype=cast) if cast else model.to(device)
         elif cast is not None:
             model.to(dtype=cast)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         self.model = model
         self.dtype = model_dtype(model)
         self.inputs_fn = inputs_fn

@@ -108,6 +108,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
                 f"the student must be a transformers PreTrainedModel or a timm model, got {type(model).__name__}"
             )
         self.student = student
+        if args.channels_last:  # before the optimiser exists: the parameters keep their identity
+            student.to(memory_format=torch.channels_last)
         if is_timm_model(model) and kwargs.get("processing_class") is None:
             # The saved folder must run in pipeline(): derive the image processor from the timm pretrained_cfg.
             kwargs["processing_class"] = TimmWrapperImageProcessor(
@@ -156,7 +158,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
                                    "mode": self.args.torch_compile_mode}
             self.frozen_teacher = Teacher(teacher, teacher_taps, device=self.args.device, dtype=self.args.teacher_dtype,
                                           inputs_fn=teacher_inputs, shared_input_names=shared,
-                                          compile_options=compile_options)
+                                          compile_options=compile_options, channels_last=self.args.channels_last)
         self.teacher = getattr(self.frozen_teacher, "model", None)
         # A cache of teacher outputs (hfdistill.cache) reads rows by example index: every training batch
         # carries it; the cache refuses terms that need the live teacher, taps it lacks, data of another size.
@@ -253,6 +255,14 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             indexed = IndexedDataset(dataset) if self._needs_index else dataset
             examples = [indexed[i] for i in range(min(self.args.dry_run_examples, len(dataset)))]
         return self._prepare_inputs(self.data_collator(examples))
+
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        inputs = super()._prepare_inputs(inputs)
+        if self.args.channels_last:  # the images once per batch, in the layout of the models' weights
+            inputs = {k: v.contiguous(memory_format=torch.channels_last)
+                      if isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() else v
+                      for k, v in inputs.items()}
+        return inputs
 
     def _student_inputs(self, inputs: dict) -> dict:
         return {k: v for k, v in inputs.items() if k in self._student_input_names}

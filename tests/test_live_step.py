@@ -64,3 +64,36 @@ def test_inductor_compiled_student_and_teacher_train_on_cpu(tmp_path):
     eager, _ = _losses(tmp_path, compiled=False)
     compiled, _ = _losses(tmp_path, compiled=True, backend="inductor")
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-3, atol=1e-3)
+
+
+def test_channels_last_trains_as_contiguous_and_saves_a_loadable_student(tmp_path):
+    """`channels_last`: both models' 4-d weights and each batch's images in NHWC; the same losses (up to
+    float reordering) and a saved student that loads and predicts as the trained one."""
+    from transformers import AutoModelForImageClassification
+
+    train, _ = digits_dataset(n_train=48)
+
+    def run(channels_last: bool):
+        args = DistillationConfig(output_dir=str(tmp_path / str(channels_last)), max_steps=3,
+                                  per_device_train_batch_size=16, report_to=[], use_cpu=True, save_strategy="no",
+                                  logging_steps=1, seed=0, learning_rate=0.01, channels_last=channels_last)
+        trainer = DistillationTrainer(model=tiny_timm("test_efficientnet", seed=0),
+                                      teacher=tiny_timm("test_resnet", seed=1), recipe=RECIPE, args=args,
+                                      train_dataset=train)
+        trainer.train()
+        return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    plain, plain_losses = run(False)
+    nhwc, nhwc_losses = run(True)
+    conv = next(p for p in nhwc.student.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    teacher_conv = next(p for p in nhwc.teacher.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert teacher_conv.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(torch.tensor(nhwc_losses), torch.tensor(plain_losses), rtol=1e-3, atol=1e-4)
+    nhwc.save_model(str(tmp_path / "saved"))
+    loaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / "saved")).eval()
+    x = train[:4]["pixel_values"]
+    nhwc.student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, nhwc.student(pixel_values=x).logits,
+                                   rtol=1e-4, atol=1e-5)
