@@ -238,6 +238,21 @@ def wrap_timm_model(
     return wrapper
 
 
+def shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's own loss is a causal LM's, which shifts the labels (position t predicts token
+    t+1; its token count is over ``labels[..., 1:]``): the rule transformers' Trainer uses to count tokens."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    # loss_type comes from the class name, which some causal LMs do not spell (GPT2LMHeadModel: None, and
+    # its loss_function falls back to the causal LM loss): the auto class's table says what they are.
+    causal_names = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+                    for name in ((names,) if isinstance(names, str) else names)}
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss or type(model).__name__ in causal_names
+
+
 def student_tap_root(model: nn.Module) -> nn.Module:
     """The module tap paths are relative to: the timm model inside our wrapper, else the model itself."""
     if isinstance(model, TimmWrapperForImageClassification):

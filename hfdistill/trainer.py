@@ -29,7 +29,7 @@ from . import losses as loss_registry
 from .config import DistillationConfig
 from .errors import DistillationError, TrainingDivergedError
 from .data import ArrowBatchReader
-from .models import is_timm_model, load_student_weights, student_tap_root, wrap_timm_model
+from .models import is_timm_model, load_student_weights, shifts_labels, student_tap_root, wrap_timm_model
 from .outputs import (CHECKPOINT_COMPLETE_NAME, DISTILL_STATE_NAME, default_file_mode, last_complete_checkpoint,
                       mark_checkpoint_complete, missing_folders, remove_empty_folders, rotate_checkpoints)
 from .recipe import Recipe
@@ -132,9 +132,17 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
 
     def _setup_distillation(self, teacher, teacher_inputs, distill_state) -> None:
         student, distill = self.student, self.model
-        # Our compute_loss returns per-micro-batch means; the Trainer divides them by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
+        # Parts of the total normalised by the optimisation step's token count (`num_items_in_batch`, which
+        # the Trainer counts over accumulation and processes): a causal LM student's own loss and the token
+        # losses that say so (`normalised_by_items`); every other part is a per-micro-batch mean.
+        # compute_loss scales each kind itself (_step_loss), so the Trainer must not divide again.
+        self._loss_shifts_labels = shifts_labels(student)  # count labels[..., 1:], as the student's loss shifts
+        self._items_parts = {term.name for term in distill.terms
+                             if getattr(loss_registry.get_info(term.spec.loss).cls, "normalised_by_items", False)}
+        if self._loss_shifts_labels:
+            self._items_parts.add("task")
+        self.model_accepts_loss_kwargs = bool(self._items_parts)  # what makes the Trainer count the items
+        self.loss_is_scaled_for_ga = True
         if self.args.label_names is None:
             from transformers.utils import find_labels
 
@@ -229,7 +237,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             dataset = self._remove_unused_columns(dataset, description=description)
             # Read in batches straight from Arrow (datasets' torch formatter costs more than a small step);
             # the other samplers (grouped by length, rebalanced) read a datasets.Dataset's columns: leave it to them.
-            if ArrowBatchReader.supports(dataset) and not (is_training and self.args.train_sampling_strategy != "random"):
+            if ArrowBatchReader.supports(dataset) and not (
+                    is_training and self.args.train_sampling_strategy in ("group_by_length", "batch_rebalance")):
                 dataset = ArrowBatchReader(dataset)
         if is_training and self._needs_index and not isinstance(dataset, torch.utils.data.IterableDataset):
             dataset = IndexedDataset(dataset)
@@ -281,14 +290,15 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
     # ------------------------------------------------------------------ the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student_inputs = self._student_inputs(inputs)
+        if model.training and "task" in self._items_parts and num_items_in_batch is not None:
+            student_inputs["num_items_in_batch"] = num_items_in_batch  # the model's loss: sum / the step's tokens
         distill: DistillationModel = self.accelerator.unwrap_model(model)
         if not model.training or not distill.terms:
             outputs = model(**student_inputs)
             loss = self._task_loss(outputs, inputs)
             if model.training:
                 parts = distill.weigh(loss, {})
-                loss = parts.get("task", loss * 0)
-                self._step_parts.append({name: value.detach() for name, value in parts.items()})
+                loss = self._step_loss(parts, num_items_in_batch) if parts else loss * 0
             return (loss, outputs) if return_outputs else loss
 
         if distill.task_weight == 0:
@@ -297,10 +307,30 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         fields = loss_fields(self._loss_field_names, inputs, self.state, num_items_in_batch)
         outputs, term_losses = model(teacher_features=teacher_features, loss_fields=fields, **student_inputs)
         task_loss = self._task_loss(outputs, inputs) if distill.task_weight > 0 else None
-        parts = distill.weigh(task_loss, term_losses)
-        loss = torch.stack(list(parts.values())).sum()
-        self._step_parts.append({name: value.detach() for name, value in parts.items()})
+        loss = self._step_loss(distill.weigh(task_loss, term_losses), num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _step_loss(self, parts: dict[str, torch.Tensor], num_items_in_batch: Any) -> torch.Tensor:
+        """A training micro-batch's loss to backpropagate, so that the optimisation step's gradient is that of
+        one batch of the step's size: gradient accumulation of 4 x 8 equals a batch of 32, 2 processes equal 1.
+
+        A mean part is divided by the step's micro-batches. A part normalised by the step's token count
+        (``_items_parts``, with ``num_items_in_batch`` given) already is; when that count spans the processes
+        it is multiplied by their number, which DDP's gradient averaging divides again (as transformers does
+        for a model's own loss). The parts are kept for the logs and the non-finite check as step means.
+        """
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        total, logged = [], {}
+        for name, value in parts.items():
+            if name in self._items_parts and num_items_in_batch is not None:
+                total.append(value * processes)
+                logged[name] = (value * (steps * processes)).detach()
+            else:
+                total.append(value / steps)
+                logged[name] = value.detach()
+        self._step_parts.append(logged)
+        return torch.stack(total).sum()
 
     # ------------------------------------------------------------------ numerical guards
     def _nonfinite(self, what: str) -> None:
