@@ -70,6 +70,13 @@ MAIN_METHODS = ("baseline", "kd", "dkd", "fitnet", "at")
 
 # Methods that read transformer-only outputs (hidden states, attention maps, a distillation token).
 TRANSFORMER_ONLY = {
+    "forward_kl": "token-level KL for causal LMs: reads [B, T, V] logits and causal-LM labels",
+    "reverse_kl": "token-level reverse KL for causal LMs: reads [B, T, V] logits and causal-LM labels",
+    "jsd": "GKD's generalised JSD per token for causal LMs: reads [B, T, V] logits and causal-LM labels",
+    "tvd": "token-level total variation for causal LMs: reads [B, T, V] logits and causal-LM labels",
+    "skew_kl": "DistiLLM's skew KL per token for causal LMs: reads [B, T, V] logits and causal-LM labels",
+    "skew_reverse_kl": "DistiLLM's skew reverse KL per token for causal LMs: reads [B, T, V] logits and labels",
+    "uld": "cross-tokenizer logit distillation for causal LMs: reads [B, T, V] logits and causal-LM labels",
     "hidden_mse": "TinyBERT hidden-state MSE with a layer map: reads transformer hidden states",
     "attention_kl": "MiniLM attention-distribution KL: reads self-attention maps",
     "attention_mse": "TinyBERT attention MSE: reads self-attention maps",

@@ -120,6 +120,10 @@ class Teacher:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
+        # Taps read only by losses that cast piece by piece (token losses over vocabulary-size logits): handed
+        # over in the teacher's dtype, as the inference tensors they are (those losses save no teacher tensor
+        # for their backward), instead of as whole fp32 copies.
+        self.keep_dtype: set[str] = set()
         self.dtype = model_dtype(model)
         self.inputs_fn = inputs_fn
         self.shared_input_names = set(shared_input_names)
@@ -160,7 +164,7 @@ class Teacher:
                 outputs = self._forward(self.call_inputs(batch), self.taps.forward_kwargs)
                 tapped = self.taps.gather(outputs)
         try:
-            return {k: to_float(v) for k, v in tapped.items()}
+            return {k: v if k in self.keep_dtype else to_float(v) for k, v in tapped.items()}
         finally:
             self.taps.clear()
 

@@ -111,6 +111,8 @@ STUDENT_INPUT_FIELD = "student_input"
 LOSS_FIELDS: dict[str, Callable[[dict, Any, Any], Any]] = {
     "labels": _batch_field("labels"),
     "attention_mask": _batch_field("attention_mask", optional=True),  # image batches have none
+    # The labels of the teacher's own tokenisation (a teacher with another tokenizer: cross-tokenizer losses)
+    "teacher_labels": _batch_field("teacher_labels", optional=True),
     "index": _batch_field("index"),  # each example's dataset index, added by the trainer
     "epoch": lambda batch, state, num_items: float(state.epoch or 0.0),
     "step": lambda batch, state, num_items: int(state.global_step),
@@ -181,6 +183,12 @@ class Term:
     @property
     def weight(self) -> float:
         return self.spec.weight
+
+    @property
+    def accepts_half_inputs(self) -> bool:
+        """The loss casts to fp32 itself, piece by piece (token losses over [B, T, vocabulary] logits): its
+        taps reach it in the models' dtype, never as whole fp32 copies."""
+        return bool(getattr(loss_registry.get_info(self.spec.loss).cls, "accepts_half_inputs", False))
 
 
 def _taps_of(value: str | list[str] | None, default: str | None) -> tuple[list[str], bool]:
@@ -309,9 +317,12 @@ class DistillationModel(nn.Module):
         return {**student_inputs, name: value}, value
 
     def select(self, term: Term, student_features: dict, teacher_features: dict) -> tuple[Any, Any]:
-        """The (adapted) student value and the teacher value a term's loss receives, in fp32."""
-        student_values = [to_float(student_features[t]) for t in term.student_taps]
-        teacher_values = [to_float(teacher_features.get(t)) for t in term.teacher_taps]
+        """The (adapted) student value and the teacher value a term's loss receives, in fp32 (in the models'
+        dtype for a loss that casts piece by piece itself, :attr:`Term.accepts_half_inputs`)."""
+        as_given = term.accepts_half_inputs and term.name not in self.adapters
+        cast = (lambda value: value) if as_given else to_float
+        student_values = [cast(student_features[t]) for t in term.student_taps]
+        teacher_values = [cast(teacher_features.get(t)) for t in term.teacher_taps]
         if term.name in self.adapters:
             student_values = [adapter(v) for adapter, v in zip(self.adapters[term.name], student_values)]
         if term.is_list:

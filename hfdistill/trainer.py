@@ -168,6 +168,10 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
                                           inputs_fn=teacher_inputs, shared_input_names=shared,
                                           compile_options=compile_options, channels_last=self.args.channels_last)
         self.teacher = getattr(self.frozen_teacher, "model", None)
+        if isinstance(self.frozen_teacher, Teacher):
+            half_ok = {t for term in distill.terms if term.accepts_half_inputs for t in term.teacher_taps}
+            self.frozen_teacher.keep_dtype = half_ok - {t for term in distill.terms if not term.accepts_half_inputs
+                                                        for t in term.teacher_taps}
         # A cache of teacher outputs (hfdistill.cache) reads rows by example index: every training batch
         # carries it; the cache refuses terms that need the live teacher, taps it lacks, data of another size.
         self._teacher_is_cache = bool(getattr(self.frozen_teacher, "is_cache", False))

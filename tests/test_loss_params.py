@@ -80,6 +80,13 @@ INVALID = {
     "bss": [("temperature", 0), ("attack_size", 0), ("attack_size", 2.5), ("num_steps", 0), ("step_size", 0),
             ("eps", -1e-4), ("clip", 0), ("start_epoch", -1), ("end_epoch", 0)],
     "dml": [("peers", 0), ("peers", 1.5), ("temperature", 0)],
+    "forward_kl": [("temperature", 0), ("chunk_size", 0), ("chunk_size", 2.5)],
+    "reverse_kl": [("temperature", -1.0), ("chunk_size", 0)],
+    "jsd": [("beta", -0.1), ("beta", 1.5), ("temperature", 0), ("chunk_size", 0)],
+    "tvd": [("temperature", 0), ("chunk_size", -3)],
+    "skew_kl": [("alpha", 1.0), ("alpha", -0.1), ("temperature", 0)],
+    "skew_reverse_kl": [("alpha", 1.0), ("alpha", 1.5), ("chunk_size", 0)],
+    "uld": [("temperature", 0), ("chunk_size", 0)],
 }
 
 GENERIC_BAD = [float("nan"), float("inf"), float("-inf"), "abc", True]
@@ -176,6 +183,7 @@ def _attention(b: int, h: int, t: int, seed: int) -> torch.Tensor:
 
 
 B = 4
+LM_LABELS = torch.tensor([[-100, 1, 2, 3, -100, -100]] * B)  # [B, T=6] causal-LM labels
 LABELS = torch.tensor([0, 1, 2, 3])
 # name -> (student, teacher, fields); shapes are what configure(ctx) sees (per tap, batch included).
 EXAMPLES = {
@@ -222,6 +230,14 @@ EXAMPLES = {
     "lwm": ([_maps(B, 3, 4, 4, seed=0), _maps(B, 5, seed=2)], [_maps(B, 6, 4, 4, seed=1), _maps(B, 5, seed=3)], {}),
     "bss": (_maps(B, 5, seed=0), _maps(B, 5, seed=1), {}),
     "dml": (_maps(B, 5, seed=0), None, {}),
+    # token losses of causal LMs: [B, T, vocabulary] logits and causal-LM labels (position t predicts t+1)
+    "forward_kl": (_maps(B, 6, 5, seed=0), _maps(B, 6, 5, seed=1), {"labels": LM_LABELS}),
+    "reverse_kl": (_maps(B, 6, 5, seed=0), _maps(B, 6, 5, seed=1), {"labels": LM_LABELS}),
+    "jsd": (_maps(B, 6, 5, seed=0), _maps(B, 6, 5, seed=1), {"labels": LM_LABELS}),
+    "tvd": (_maps(B, 6, 5, seed=0), _maps(B, 6, 5, seed=1), {"labels": LM_LABELS}),
+    "skew_kl": (_maps(B, 6, 5, seed=0), _maps(B, 6, 5, seed=1), {"labels": LM_LABELS}),
+    "skew_reverse_kl": (_maps(B, 6, 5, seed=0), _maps(B, 6, 5, seed=1), {"labels": LM_LABELS}),
+    "uld": (_maps(B, 6, 5, seed=0), _maps(B, 6, 7, seed=1), {"labels": LM_LABELS}),  # another vocabulary
 }
 
 

@@ -31,8 +31,9 @@ def _weights(trainer) -> dict:
 def test_the_student_causal_lm_loss_is_counted_over_the_step(tmp_path):
     trainer = one_step(str(tmp_path / "a"), 32, 1, TERMS)
     assert trainer._loss_shifts_labels and "task" in trainer._items_parts
-    assert {t["loss"] for t in TOKEN_TERMS} <= {n for n in trainer._items_parts if n != "task"} | {
-        t.loss for t in trainer.model.terms if t.name in trainer._items_parts}
+    token_terms = {t.name for t in trainer.model.terms if t.spec.loss != "mse"}
+    assert len(token_terms) == len(TOKEN_TERMS) == 2
+    assert trainer._items_parts == {"task"} | token_terms  # the hidden-state MSE stays a per-batch mean
 
 
 def test_gradient_accumulation_4_x_8_equals_one_batch_of_32(tmp_path):
@@ -82,3 +83,30 @@ def test_two_processes_of_16_equal_one_of_32(tmp_path):
         ranked = safetensors.torch.load_file(str(out / f"rank{rank}.safetensors"))
         for key, value in whole.items():
             torch.testing.assert_close(ranked[key], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {key}")
+
+
+def test_token_losses_get_the_logits_in_the_models_dtype(tmp_path, monkeypatch):
+    """A bf16 teacher's [B, T, vocabulary] logits reach a token loss as they are (it casts chunk by chunk),
+    while a term that needs fp32 gets them cast: no whole fp32 copy for the token loss."""
+    from hfdistill.losses.tokens import ForwardKLLoss as ForwardKL
+    from hfdistill.trainer import DistillationTrainer
+
+    seen = []
+    original = ForwardKL.forward
+    monkeypatch.setattr(ForwardKL, "forward",
+                        lambda self, s, t, **kw: seen.append((s.dtype, t.dtype)) or original(self, s, t, **kw))
+    from token_steps import examples, tiny_gpt2
+    from hfdistill import DistillationConfig
+
+    args = DistillationConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, report_to=[],
+                              save_strategy="no", disable_tqdm=True, use_cpu=True, teacher_dtype="bfloat16")
+    trainer = DistillationTrainer(model=tiny_gpt2(seed=2, layers=1), teacher=tiny_gpt2(seed=1), args=args,
+                                  recipe={"terms": [{"loss": "forward_kl"}, {"loss": "logits_mse"}]},
+                                  train_dataset=examples())
+    assert trainer.frozen_teacher.keep_dtype == set()  # `logits` is also read by logits_mse, which needs fp32
+    trainer = DistillationTrainer(model=tiny_gpt2(seed=2, layers=1), teacher=tiny_gpt2(seed=1), args=args,
+                                  recipe={"terms": [{"loss": "forward_kl"}]}, train_dataset=examples())
+    assert trainer.frozen_teacher.keep_dtype == {"logits"}
+    seen.clear()
+    trainer.train()
+    assert seen and all(t == torch.bfloat16 and s == torch.float32 for s, t in seen)
