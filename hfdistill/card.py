@@ -459,7 +459,7 @@ def _seeds_text(seeds: SeedComparison | None) -> str | None:
     rows.append(["mean ± std", f"{data['alone_mean']:.4f} ± {data['alone_std']:.4f}",
                  f"{data['distilled_mean']:.4f} ± {data['distilled_std']:.4f}",
                  f"{seeds.gain:+.2f} ± {seeds.gain_std:.2f}"])
-    header = ["Seed", f"Student alone: {seeds.metric}", f"Distilled: {seeds.metric}", f"Gain ({seeds.metric} points)"]
+    header = ["Seed", f"Student alone: {seeds.metric}", f"Distilled: {seeds.metric}", f"Gain ({seeds.unit})"]
     return (f"Both were trained with {seeds.n} seeds (the same initialisation per seed for both; only the teacher "
             f"differs):\n\n" + _table(header, rows))
 

@@ -433,6 +433,8 @@ def build_trainer(job: Job, plan: Plan, stage: StageRun, *, model: Any = None, t
         data_collator=job.data.collator,
         processing_class=processor,
         compute_metrics=plan.task.compute_metrics,
+        # a language model's eval: per-token losses, not [B, T, vocabulary] logits kept for the whole set
+        preprocess_logits_for_metrics=getattr(plan.task, "preprocess_logits", None),
         teacher_inputs=job.data.teacher_inputs if teacher_model is not None else None,
         id2label=dict(enumerate(plan.label_names)),
         timm_model_args=loaded.timm_model_args,
@@ -982,7 +984,7 @@ def _result_extras(plan: Plan, batch: int | None) -> dict:
     from .summary import compare_seeds, comparison_logs, log_to_trackers
 
     final, metric = plan.final, plan.task.metric
-    comparison = compare_seeds(plan.jobs, metric)
+    comparison = compare_seeds(plan.jobs, metric, getattr(plan.task, "greater_is_better", True))
     alone = next((job for job in plan.jobs if job.comparison == "no teacher" and not job.extra_seed), None)
     roles = {"teacher": "teacher", "alone": alone.label if alone is not None else None, "distilled": final.label}
     histories = [(stage.name, stage.trainer.state.log_history) for stage in final.stages if stage.trainer is not None]
@@ -1103,7 +1105,7 @@ def _seed_comparison(plan: Plan, metric: str = "accuracy") -> list[str]:
     :func:`hfdistill.summary.compare_seeds`, which the card, the plots and the trackers read too)."""
     from .summary import compare_seeds
 
-    comparison = compare_seeds(plan.jobs, metric)
+    comparison = compare_seeds(plan.jobs, metric, getattr(plan.task, "greater_is_better", True))
     return comparison.lines() if comparison is not None else []
 
 

@@ -200,18 +200,28 @@ class SeedComparison:
     """The distilled student against the same student trained alone (no teacher), seed by seed.
 
     ``alone[i]`` and ``distilled[i]`` are the ``metric`` of the two runs of ``seeds[i]`` (the same
-    initialisation, data and schedule; only the teacher differs). Gains are in points (x100: accuracy
-    0.9733 vs 0.9599 is +1.34 points). The first seed is the run whose student is saved and published.
+    initialisation, data and schedule; only the teacher differs). A gain is an improvement (positive: the
+    teacher helped): for a metric where higher is better (accuracy) in points (x100: 0.9733 vs 0.9599 is
+    +1.34 points); for one where lower is better (perplexity) the reduction, in the metric's own unit (12.4
+    vs 10.1 is +2.3). The first seed is the run whose student is saved and published.
     """
 
     metric: str
     seeds: list[int]
     alone: list[float]
     distilled: list[float]
+    greater_is_better: bool = True
 
     @property
     def gains(self) -> list[float]:
-        return [100.0 * (d - a) for a, d in zip(self.alone, self.distilled)]
+        if self.greater_is_better:
+            return [100.0 * (d - a) for a, d in zip(self.alone, self.distilled)]
+        return [a - d for a, d in zip(self.alone, self.distilled)]
+
+    @property
+    def unit(self) -> str:
+        """What a gain counts: ``accuracy points``, or ``perplexity reduction`` for a lower-is-better metric."""
+        return f"{self.metric} points" if self.greater_is_better else f"{self.metric} reduction"
 
     @property
     def n(self) -> int:
@@ -248,20 +258,20 @@ class SeedComparison:
         """``+0.87 ± 0.75 accuracy points over the same student trained alone, 5 seeds (better on 4); ...``."""
         seeds = f"{self.n} seed{'s' if self.n > 1 else ''}"
         if self.n == 1:
-            return f"{self.gain:+.2f} {self.metric} points over the same student trained alone, {seeds}; {self.verdict}"
+            return f"{self.gain:+.2f} {self.unit} over the same student trained alone, {seeds}; {self.verdict}"
         better = sum(g > 0 for g in self.gains)
-        return (f"{self.gain:+.2f} ± {self.gain_std:.2f} {self.metric} points over the same student trained alone, "
+        return (f"{self.gain:+.2f} ± {self.gain_std:.2f} {self.unit} over the same student trained alone, "
                 f"{seeds} (better on {better} of {self.n}); {self.verdict}")
 
     def lines(self) -> list[str]:
         """The summary's line (the format the README's quickstart shows)."""
         if self.n == 1:
-            return [f"distillation vs. no teacher: {self.gains[0]:+.2f} {self.metric} points"]
+            return [f"distillation vs. no teacher: {self.gains[0]:+.2f} {self.unit}"]
         (alone, alone_std), (distilled, distilled_std) = self._mean_std(self.alone), self._mean_std(self.distilled)
         return [
             f"over {self.n} seeds ({', '.join(str(s) for s in self.seeds)}): "
             f"no teacher {alone:.4f} +- {alone_std:.4f}, distilled {distilled:.4f} +- {distilled_std:.4f}; "
-            f"distillation vs. no teacher {self.gain:+.2f} +- {self.gain_std:.2f} {self.metric} points "
+            f"distillation vs. no teacher {self.gain:+.2f} +- {self.gain_std:.2f} {self.unit} "
             f"(per seed: {', '.join(f'{g:+.2f}' for g in self.gains)})"
         ]
 
@@ -272,17 +282,17 @@ class SeedComparison:
                 "distilled": list(self.distilled), "gains_points": [round(g, 6) for g in self.gains],
                 "alone_mean": alone, "alone_std": alone_std, "distilled_mean": distilled,
                 "distilled_std": distilled_std, "gain_points": self.gain, "gain_std_points": self.gain_std,
-                "sentence": self.sentence}
+                "greater_is_better": self.greater_is_better, "unit": self.unit, "sentence": self.sentence}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "SeedComparison | None":
         if not data or not data.get("seeds"):
             return None
         return cls(str(data["metric"]), [int(s) for s in data["seeds"]], [float(v) for v in data["alone"]],
-                   [float(v) for v in data["distilled"]])
+                   [float(v) for v in data["distilled"]], bool(data.get("greater_is_better", True)))
 
 
-def compare_seeds(jobs: Iterable[Any], metric: str = "accuracy") -> SeedComparison | None:
+def compare_seeds(jobs: Iterable[Any], metric: str = "accuracy", greater_is_better: bool = True) -> SeedComparison | None:
     """The distilled-vs-alone comparison of a run's jobs (objects with ``comparison``, ``seed`` and eval
     ``metrics``: :class:`hfdistill.run.Job`); None without a seed that has both runs.
 
@@ -301,7 +311,8 @@ def compare_seeds(jobs: Iterable[Any], metric: str = "accuracy") -> SeedComparis
         return None
     if first in seeds:  # the published student's seed first (it is the smallest in plans made by hfdistill.run)
         seeds = [first] + [s for s in seeds if s != first]
-    return SeedComparison(metric, seeds, [by_seed[s][NO_TEACHER] for s in seeds], [by_seed[s][DISTILLED] for s in seeds])
+    return SeedComparison(metric, seeds, [by_seed[s][NO_TEACHER] for s in seeds], [by_seed[s][DISTILLED] for s in seeds],
+                          greater_is_better)
 
 
 def comparison_logs(rows: list[ModelRow], comparison: SeedComparison | None, metric: str,

@@ -370,3 +370,20 @@ def test_run_without_matplotlib_draws_nothing_and_says_so(tmp_path, monkeypatch)
     text = (folder / "README.md").read_text()
     assert text.count(MISSING_NOTE) == 1 and "![" not in text
     assert "Student alone (baseline, no teacher)" in text and "1 seed; one seed: too few" in text
+
+
+def test_seed_comparison_of_a_lower_is_better_metric_counts_the_reduction():
+    """Perplexity: the gain is the reduction (positive when the teacher helped), in the metric's own unit."""
+    from hfdistill.summary import SeedComparison
+
+    seeds = SeedComparison("perplexity", [1, 2, 3], alone=[12.0, 13.0, 12.5], distilled=[10.0, 11.5, 12.6],
+                           greater_is_better=False)
+    assert seeds.gains == pytest.approx([2.0, 1.5, -0.1])
+    assert seeds.unit == "perplexity reduction"
+    assert seeds.sentence.startswith("+1.13 ± 1.10 perplexity reduction over the same student trained alone, "
+                                     "3 seeds (better on 2 of 3)")
+    assert "within noise" not in seeds.sentence and "larger than its spread" in seeds.sentence
+    again = SeedComparison.from_dict(seeds.to_dict())
+    assert again.greater_is_better is False and again.gains == seeds.gains
+    accuracy = SeedComparison("accuracy", [1], alone=[0.9], distilled=[0.91])
+    assert accuracy.lines() == ["distillation vs. no teacher: +1.00 accuracy points"]
