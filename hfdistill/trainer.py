@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, TimmWrapperImageProcessor, Trainer, TrainerCallback
+from transformers.trainer_pt_utils import nested_concat
 from transformers.trainer_utils import EvalPrediction, PREFIX_CHECKPOINT_DIR
 
 from . import losses as loss_registry
@@ -505,14 +506,18 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             return {}
         dataloader: DataLoader = self.get_eval_dataloader(eval_dataset)
         label_name = self.label_names[0]
-        all_logits, all_labels = [], []
+        logits = labels = None
         for batch in dataloader:
             batch = self._prepare_inputs(batch)
-            logits = self.frozen_teacher.logits(batch)
-            logits, labels = self.accelerator.gather_for_metrics((logits.float(), batch[label_name]))
-            all_logits.append(logits.cpu())
-            all_labels.append(labels.cpu())
-        logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+            batch_logits, batch_labels = self.frozen_teacher.logits(batch).float(), batch[label_name]
+            if self.preprocess_logits_for_metrics is not None:  # as for the student (a language model: per-token NLL)
+                batch_logits = self.preprocess_logits_for_metrics(batch_logits, batch_labels)
+            if batch_labels.dim() > 1:  # sequences: lengths differ between processes and batches (as the Trainer pads)
+                batch_logits = self.accelerator.pad_across_processes(batch_logits, dim=1, pad_index=-100)
+                batch_labels = self.accelerator.pad_across_processes(batch_labels, dim=1, pad_index=-100)
+            batch_logits, batch_labels = self.accelerator.gather_for_metrics((batch_logits, batch_labels))
+            logits = nested_concat(logits, batch_logits.cpu(), padding_index=-100) if logits is not None else batch_logits.cpu()
+            labels = nested_concat(labels, batch_labels.cpu(), padding_index=-100) if labels is not None else batch_labels.cpu()
         metrics = {}
         if logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
             metrics[f"{prefix}_loss"] = float(F.cross_entropy(logits, labels))
