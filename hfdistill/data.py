@@ -7,7 +7,8 @@ Two steps:
    ``chatterbot-corpus``), ``imagefolder``, ``csv``/``json`` files, a ``datasets`` Hub id, or a
    ``DatasetDict`` passed from Python. A validation split is made (seeded) when there is none.
 2. :func:`build_task_data` turns the splits into model inputs with the task's data builder (the
-   table in :mod:`hfdistill.tasks`: :func:`image_classification_data`, :func:`text_classification_data`)
+   table in :mod:`hfdistill.tasks`: :func:`image_classification_data`, :func:`text_classification_data`,
+   :func:`causal_lm_data`)
    and the preprocessing of the models themselves: image size, channels, mean and std from the student's config (the teacher's inputs are
    re-normalised/resized on the device when its config differs), and each model's own tokenizer.
 
@@ -44,7 +45,8 @@ BUILTIN_SOURCE_FIELDS = {
     "fashion-mnist": ("data_dir",),
     "chatterbot-corpus": ("options", "validation_fraction", "train_split"),
 }
-SOURCE_AGNOSTIC_FIELDS = ("name", "seed", "image_size", "max_length", "max_train_samples", "max_eval_samples", "augment")
+SOURCE_AGNOSTIC_FIELDS = ("name", "seed", "image_size", "max_length", "max_train_samples", "max_eval_samples", "augment",
+                          "completion_only_loss", "packing")
 FILE_SOURCES = ("imagefolder", "csv", "json")
 AUGMENTATIONS = ("none", "crop", "crop_flip", "rrc_flip")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -78,6 +80,12 @@ class RawData:
     input_column: str  # "image" or "text" column name in a datasets.Dataset ("image" for ImageArrays)
     label_column: str = "label"
     default_augment: str = "crop_flip"
+    # Language modelling (a task whose targets are tokens): the splits' format, `text` (a `text` column),
+    # `prompt_completion` (`prompt`, `completion`) or `chat` (`messages`), the columns renamed to these names;
+    # label_names is then empty. And the data section's choices the data builder reads.
+    lm_format: str | None = None
+    completion_only_loss: bool = True
+    packing: bool = False
 
     @property
     def num_labels(self) -> int:
@@ -94,6 +102,9 @@ class TaskData:
     collator: Callable[[list[dict]], dict]
     teacher_inputs: Callable[[dict], dict] | None = None
     id2label: dict[int, str] = field(default_factory=dict)
+    # What the summary and the card may report about the data (language modelling: format and token counts,
+    # see causal_lm_data); empty for the other tasks.
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -136,9 +147,8 @@ def _fashion_mnist(data_dir: str | None) -> tuple[ImageArrays, ImageArrays, list
     return splits["train"], splits["test"], list(FASHION_MNIST_LABELS)
 
 
-def chatterbot_corpus(language: str = "english", topics: Sequence[str] | None = None):
-    """The chatterbot corpus as a text-classification ``datasets.Dataset``: each utterance, its topic as label."""
-    import datasets
+def _chatterbot_topics(language: str = "english", topics: Sequence[str] | None = None) -> dict[str, list[list[str]]]:
+    """``{topic: [conversation, ...]}`` of the chatterbot corpus, each conversation a list of statements."""
     import yaml
 
     try:
@@ -158,19 +168,48 @@ def chatterbot_corpus(language: str = "english", topics: Sequence[str] | None = 
         if unknown:
             raise RecipeError("data.options.topics", f"unknown topic(s) {unknown}; available: {', '.join(files)}")
         files = {t: files[t] for t in topics}
-    texts, labels, seen = [], [], set()
-    names = list(files)
-    for label, (topic, path) in enumerate(files.items()):
+    found = {}
+    for topic, path in files.items():
         content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for conversation in content.get("conversations", []) or []:
-            for utterance in conversation:
-                text = str(utterance).strip()
+        found[topic] = [[str(u).strip() for u in conversation] for conversation in content.get("conversations", []) or []]
+    return found
+
+
+def chatterbot_corpus(language: str = "english", topics: Sequence[str] | None = None):
+    """The chatterbot corpus as a text-classification ``datasets.Dataset``: each utterance, its topic as label."""
+    import datasets
+
+    texts, labels, seen = [], [], set()
+    conversations = _chatterbot_topics(language, topics)
+    names = list(conversations)
+    for label, (topic, topic_conversations) in enumerate(conversations.items()):
+        for conversation in topic_conversations:
+            for text in conversation:
                 if text and (text, topic) not in seen:  # the corpus repeats questions with several answers
                     seen.add((text, topic))
                     texts.append(text)
                     labels.append(label)
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
     return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def chatterbot_chats(language: str = "english", topics: Sequence[str] | None = None):
+    """The chatterbot corpus as chats for language modelling: a ``datasets.Dataset`` with a ``messages`` column.
+
+    Each pair of consecutive statements of a conversation is one chat, the first as the user's turn and the
+    second as the assistant's (a conversation of n statements gives n - 1 chats); a pair seen before is
+    left out (the corpus repeats some).
+    """
+    import datasets
+
+    chats, seen = [], set()
+    for topic_conversations in _chatterbot_topics(language, topics).values():
+        for conversation in topic_conversations:
+            for question, answer in zip(conversation, conversation[1:]):
+                if question and answer and (question, answer) not in seen:
+                    seen.add((question, answer))
+                    chats.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    return datasets.Dataset.from_dict({"messages": chats})
 
 
 def _load_datasets_source(spec: DataSpec):
@@ -323,7 +362,9 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
         unknown = sorted(set(options) - {"language", "topics"})
         if unknown:
             raise RecipeError("data.options", f"chatterbot-corpus has no option(s) {unknown}; its options: language, topics")
-        dataset = datasets.DatasetDict({"train": chatterbot_corpus(**options)})
+        # Classification: each utterance labelled with its topic; language modelling: chats of consecutive statements.
+        make = chatterbot_chats if info.targets == "tokens" else chatterbot_corpus
+        dataset = datasets.DatasetDict({"train": make(**options)})
     elif dataset is None:
         dataset = _load_datasets_source(spec)
     if isinstance(dataset, datasets.Dataset):
@@ -345,6 +386,8 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
             parts = train.train_test_split(test_size=spec.validation_fraction, seed=seed)
             train, evaluation = parts["train"], parts["test"]
 
+    if info.targets == "tokens":
+        return _language_modelling_raw(spec, train, evaluation, info, seed)
     columns = train.column_names
     if image_task:
         input_column = _pick_column(columns, spec.image_column, info.input_columns, "image_column", "the images")
@@ -365,6 +408,98 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
     train = _limit(train, spec.max_train_samples, seed)
     evaluation = _limit(evaluation, spec.max_eval_samples, seed)
     return RawData(train, evaluation, names, input_column, label_column)
+
+
+# ------------------------------------------------------------------------------------ language modelling: raw splits
+LM_FORMATS = ("text", "prompt_completion", "chat")
+
+
+def _lm_columns(spec: DataSpec, columns: Sequence[str], text_candidates: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """The format of language-modelling data and ``{its column: canonical name}``, from the data fields or the
+    column names: ``messages`` (chat), ``prompt`` + ``completion``, else a text column."""
+    if spec.messages_column is not None:
+        column = _pick_column(columns, spec.messages_column, (), "messages_column", "the chats")
+        return "chat", {column: "messages"}
+    if spec.prompt_column is not None or spec.completion_column is not None:
+        prompt = _pick_column(columns, spec.prompt_column, ("prompt",), "prompt_column", "the prompts")
+        completion = _pick_column(columns, spec.completion_column, ("completion",), "completion_column",
+                                  "the completions")
+        return "prompt_completion", {prompt: "prompt", completion: "completion"}
+    if spec.text_column is not None:
+        return "text", {_pick_column(columns, spec.text_column, (), "text_column", "the text"): "text"}
+    if "messages" in columns:
+        return "chat", {"messages": "messages"}
+    if "prompt" in columns and "completion" in columns:
+        return "prompt_completion", {"prompt": "prompt", "completion": "completion"}
+    found = next((c for c in text_candidates if c in columns), None)
+    if found is None:
+        raise RecipeError(
+            "data.text_column",
+            f"cannot find what to learn: the dataset has columns {list(columns)}. Language modelling reads plain "
+            f"text (a column named {' / '.join(text_candidates)}, or set `data.text_column`), prompt/completion "
+            "pairs (`prompt` and `completion`, or set `data.prompt_column` and `data.completion_column`) or chats "
+            "(`messages`, or set `data.messages_column`)",
+        )
+    return "text", {found: "text"}
+
+
+def _check_lm_split(split: Any, fmt: str, spec: DataSpec, name: str) -> None:
+    """The first rows have the format's types (a wrong column fails here, naming the field, not mid-training)."""
+    head = split.select(range(min(8, len(split))))
+    if fmt == "chat":
+        field_name = f"data.{'messages_column' if spec.messages_column else 'name'}"
+        for i, chat in enumerate(head["messages"]):
+            if not isinstance(chat, list) or not chat or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in chat
+            ):
+                raise RecipeError(
+                    field_name, f"row {i} of the {name} split is not a chat: a chat is a non-empty list of "
+                    f"{{role: ..., content: ...}} messages with string values, got {chat!r:.200}",
+                )
+        return
+    for column in ("text",) if fmt == "text" else ("prompt", "completion"):
+        for i, value in enumerate(head[column]):
+            if value is not None and not isinstance(value, str):
+                what = {"text": "text_column", "prompt": "prompt_column", "completion": "completion_column"}[column]
+                raise RecipeError(f"data.{what}", f"row {i} of the {name} split holds {type(value).__name__} "
+                                  f"{value!r:.100}, not text")
+
+
+def _drop_empty(split: Any, fmt: str) -> Any:
+    """Rows without text (None, blank; a chat without an assistant turn stays: its tokens may still be learnt)."""
+    if fmt == "chat":
+        return split
+    column = "text" if fmt == "text" else "completion"
+    keep = [i for i, value in enumerate(list(split[column])) if isinstance(value, str) and value.strip()]
+    if fmt == "prompt_completion":
+        prompts = list(split["prompt"])
+        keep = [i for i in keep if isinstance(prompts[i], str)]
+    return split if len(keep) == len(split) else split.select(keep)
+
+
+def _language_modelling_raw(spec: DataSpec, train: Any, evaluation: Any, info: Any, seed: int) -> RawData:
+    """Splits for a task whose targets are tokens: one format's columns, renamed to `text`, `prompt` and
+    `completion`, or `messages`; no labels."""
+    fmt, rename = _lm_columns(spec, train.column_names, info.input_columns)
+    for column in rename:
+        if column not in evaluation.column_names:
+            raise RecipeError("data.eval_split", f"the eval split has no column {column!r}; its columns: "
+                              f"{evaluation.column_names}")
+    splits = []
+    for split, name in ((train, "train"), (evaluation, "eval")):
+        split = split.select_columns(list(rename)).rename_columns({k: v for k, v in rename.items() if k != v})
+        _check_lm_split(split, fmt, spec, name)
+        splits.append(_drop_empty(split, fmt))
+    train, evaluation = splits
+    if len(train) == 0:
+        raise RecipeError("data.name", "the training split has no text to learn (every row is empty)")
+    train = _limit(train, spec.max_train_samples, seed)
+    evaluation = _limit(evaluation, spec.max_eval_samples, seed)
+    main = {"text": "text", "prompt_completion": "prompt", "chat": "messages"}[fmt]
+    return RawData(train, evaluation, [], main, "completion" if fmt == "prompt_completion" else "",
+                   default_augment="none", lm_format=fmt, completion_only_loss=spec.completion_only_loss,
+                   packing=spec.packing)
 
 
 # ------------------------------------------------------------------------------------ images
@@ -688,6 +823,275 @@ def text_classification_data(
         teacher_fn,
         id2label,
     )
+
+
+# ------------------------------------------------------------------------------------ language modelling: tokens
+# The chat template of a tokenizer that has none (set on it, so that it is saved with the model and pipeline()
+# renders chats as training did). Each turn is `<|role|>`, a newline, the content and the end-of-text token;
+# the generation prompt is `<|assistant|>` and a newline:
+#   <|user|>\nHi there<|endoftext|><|assistant|>\nHello!<|endoftext|>
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + (eos_token or '') }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer: Any) -> bool:
+    """Give ``tokenizer`` :data:`DEFAULT_CHAT_TEMPLATE` when it has no chat template; True if it got it."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return True
+
+
+def _special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (a BOS for Llama's, none for GPT-2's)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+class LMEncoder:
+    """One example of language-modelling data -> token ids and which of them are learnt.
+
+    - ``text``: the tokenizer's leading special tokens (a BOS where it adds one), the text, the end-of-text
+      token; every token is learnt.
+    - ``prompt_completion``: the same with the prompt then the completion, concatenated as they are (a
+      separator such as a space or a newline belongs to the prompt), each tokenised on its own; the
+      completion and the end-of-text token are learnt (``completion_only_loss``).
+    - ``chat``: the messages rendered with the tokenizer's chat template; the tokens of each assistant turn
+      after its header (what the model writes after the template's generation prompt, up to and including
+      the template's end-of-turn marker) are learnt. Every turn is tokenised on its own, so it takes chat
+      templates that render a conversation as a prefix of its continuations (most do).
+
+    ``completion_only_loss=False`` learns every token. The first token is never learnt, as nothing predicts
+    it: ``labels`` (the ids, -100 where not learnt) then mark exactly the tokens a causal LM's loss counts.
+    """
+
+    def __init__(self, tokenizer: Any, fmt: str, completion_only_loss: bool = True, max_length: int | None = 128):
+        if fmt not in LM_FORMATS:
+            raise ValueError(f"unknown language-modelling format {fmt!r}; one of {', '.join(LM_FORMATS)}")
+        self.tokenizer, self.fmt = tokenizer, fmt
+        self.completion_only_loss, self.max_length = completion_only_loss, max_length
+        self.prefix = _special_prefix(tokenizer) if fmt != "chat" else []  # chat templates write their own
+        self.eos = tokenizer.eos_token_id
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        if not messages and not generation_prompt:
+            try:
+                return self.tokenizer.apply_chat_template([], tokenize=False)
+            except Exception:  # noqa: BLE001 - templates that refuse an empty chat: nothing comes before the first turn
+                return ""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _chat_segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        segments: list[tuple[str, bool]] = []
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        before = self._render([])
+        if before:
+            segments.append((before, False))
+        for i, message in enumerate(messages):
+            after = self._render(messages[: i + 1])
+            if not after.startswith(before):
+                raise RecipeError(
+                    "data.messages_column",
+                    "the tokenizer's chat template does not render a conversation as the beginning of its "
+                    "continuation (turn by turn), so the assistant turns cannot be told apart from the rest; "
+                    "use a tokenizer with such a template, or give the data as prompt/completion pairs",
+                )
+            turn = after[len(before):]
+            if message["role"] == "assistant":
+                prompt = self._render(messages[:i], generation_prompt=True)[len(before):]
+                header = len(os.path.commonprefix([prompt, turn]))  # what the generation prompt already wrote
+                segments += [(turn[:header], False), (turn[header:], True)]
+            else:
+                segments.append((turn, False))
+            before = after
+        return segments
+
+    def encode(self, example: dict) -> tuple[list[int], list[bool]]:
+        """``(ids, learnt)`` of one example (a row of the format's columns), truncated to ``max_length``."""
+        if self.fmt == "chat":
+            segments = self._chat_segments(example["messages"])
+            ids, learnt = [], []
+            for text, completion in segments:
+                piece = self._ids(text)
+                ids += piece
+                learnt += [completion] * len(piece)
+        else:
+            prompt = (example.get("prompt") or "") if self.fmt == "prompt_completion" else ""
+            completion = example["completion"] if self.fmt == "prompt_completion" else example["text"]
+            head = self.prefix + self._ids(prompt)
+            tail = self._ids(completion) + ([self.eos] if self.eos is not None else [])
+            if self.max_length is not None and len(head) + len(tail) > self.max_length:
+                # Keep at least half of max_length for the completion; the prompt loses its beginning.
+                keep_tail = min(len(tail), max(self.max_length - len(head), self.max_length // 2))
+                keep_head = self.max_length - keep_tail
+                head, tail = (head[len(head) - keep_head:] if keep_head else []), tail[:keep_tail]
+            ids = head + tail
+            learnt = [False] * len(head) + [True] * len(tail)
+        if self.max_length is not None:
+            ids, learnt = ids[: self.max_length], learnt[: self.max_length]
+        if not self.completion_only_loss or self.fmt == "text":
+            learnt = [True] * len(ids)
+        if learnt:
+            learnt[0] = False  # nothing predicts the first token
+        return ids, learnt
+
+    def __call__(self, batch: dict) -> dict:
+        """Batched: ``input_ids``, ``attention_mask`` and ``labels`` lists of every row of ``batch``."""
+        columns = list(batch)
+        out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for row in range(len(batch[columns[0]])):
+            ids, learnt = self.encode({c: batch[c][row] for c in columns})
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append([t if keep else -100 for t, keep in zip(ids, learnt)])
+        return out
+
+
+class _LMTransform:
+    """The student's encoding of a batch, and the teacher's as ``teacher_*`` fields when its tokenizer differs."""
+
+    def __init__(self, student: LMEncoder, teacher: LMEncoder | None = None):
+        self.student, self.teacher = student, teacher
+
+    def __call__(self, batch: dict) -> dict:
+        out = self.student(batch)
+        if self.teacher is not None:
+            out.update({f"teacher_{k}": v for k, v in self.teacher(batch).items()})
+        return out
+
+
+def pack_examples(split: Any, max_length: int) -> Any:
+    """Tokenised examples (``input_ids``, ``labels``) concatenated into blocks of ``max_length`` tokens.
+
+    Each example keeps its labels (-100 where not learnt) and ends with the end-of-text token its encoding
+    put there; blocks attend across the examples they hold (no attention mask between them) and an example
+    may continue in the next block. The first token of each block is not learnt (nothing in the block
+    predicts it); the last, shorter block is kept when it has a token to learn.
+    """
+    import datasets
+
+    ids = np.fromiter((t for row in split["input_ids"] for t in row), dtype=np.int64)
+    labels = np.fromiter((t for row in split["labels"] for t in row), dtype=np.int64)
+    blocks_ids, blocks_labels = [], []
+    for start in range(0, len(ids), max_length):
+        block_labels = labels[start:start + max_length].copy()
+        block_labels[0] = -100
+        if (block_labels != -100).any():
+            blocks_ids.append(ids[start:start + max_length].tolist())
+            blocks_labels.append(block_labels.tolist())
+    return datasets.Dataset.from_dict({
+        "input_ids": blocks_ids, "attention_mask": [[1] * len(b) for b in blocks_ids], "labels": blocks_labels,
+    })
+
+
+def causal_lm_data(
+    raw: RawData, student: LoadedModel, teacher: LoadedModel | None = None, max_length: int = 128
+) -> TaskData:
+    """Language-modelling data -> ``input_ids``, ``attention_mask`` and ``labels`` (-100 on the tokens not
+    learnt: prompts, non-assistant turns, padding) from each model's own tokenizer (:class:`LMEncoder`).
+
+    Both splits are tokenised once, here; examples with no token to learn (a completion truncated away)
+    are left out. With ``raw.packing`` they are then packed into blocks of ``max_length``
+    (:func:`pack_examples`). A teacher with another tokenizer gets ``teacher_input_ids``,
+    ``teacher_attention_mask`` and ``teacher_labels`` of its own tokenisation (not with packing). The collator
+    pads to the batch's longest on the right (pad id, attention 0, label -100): with the real tokens first,
+    their positions are 0..n-1 as at generation, and a causal model's real tokens never see the padding.
+    Tokenizers without a chat template get :data:`DEFAULT_CHAT_TEMPLATE` for chat data. ``stats`` holds the
+    format and each split's :func:`token_counts`.
+    """
+    if raw.lm_format is None:
+        raise RecipeError("task", "these splits were not loaded for language modelling (load_raw_data with a "
+                          "text-generation task)")
+    if student.tokenizer is None:
+        raise RecipeError("student.tokenizer", f"{student.name!r} has no tokenizer; set `student.tokenizer`")
+    teacher_tokenizer = None
+    teacher_fn = None
+    if teacher is not None:
+        if teacher.tokenizer is None:
+            raise RecipeError("teacher.tokenizer", f"{teacher.name!r} has no tokenizer; set `teacher.tokenizer`")
+        if not same_tokenizer(student.tokenizer, teacher.tokenizer):
+            teacher_tokenizer = teacher.tokenizer
+            if raw.packing:
+                raise RecipeError(
+                    "data.packing", "packs the student's tokens into blocks, which the teacher's own tokenizer "
+                    "(another vocabulary) cannot follow; use models with the same tokenizer, or no packing",
+                )
+
+            def teacher_fn(batch: dict) -> dict:
+                return {k[len("teacher_"):]: v for k, v in batch.items() if k.startswith("teacher_")}
+    for loaded in (student, teacher):
+        positions = getattr(getattr(getattr(loaded, "model", None), "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and max_length > positions:
+            raise RecipeError("data.max_length", f"is {max_length}, but the {loaded.role} {loaded.name!r} reads at most "
+                              f"{positions} positions; lower `data.max_length` to {positions} or less")
+    if raw.lm_format == "chat":
+        for tokenizer in (student.tokenizer, teacher_tokenizer):
+            if tokenizer is not None:
+                ensure_chat_template(tokenizer)
+    limit = None if raw.packing else max_length  # packed examples are cut into blocks, not truncated
+    transform = _LMTransform(
+        LMEncoder(student.tokenizer, raw.lm_format, raw.completion_only_loss, limit),
+        LMEncoder(teacher_tokenizer, raw.lm_format, raw.completion_only_loss, limit) if teacher_tokenizer else None,
+    )
+
+    def tokenise(split: Any, name: str) -> Any:
+        with _quiet_datasets():
+            encoded = split.map(transform, batched=True, remove_columns=split.column_names, desc=f"tokenising {name}")
+            learnt = [any(t != -100 for t in row) for row in encoded["labels"]]
+            if not all(learnt):
+                encoded = encoded.select([i for i, keep in enumerate(learnt) if keep])
+        if len(encoded) == 0:
+            raise RecipeError("data.max_length", f"no example of the {name} split has a token to learn within "
+                              f"max_length={max_length}; raise `data.max_length`")
+        return pack_examples(encoded, max_length) if raw.packing else encoded
+
+    pad_ids = _lm_pad_ids(student.tokenizer)
+    if teacher_tokenizer is not None:
+        pad_ids.update(_lm_pad_ids(teacher_tokenizer, "teacher_"))
+    train, evaluation = tokenise(raw.train, "train"), tokenise(raw.eval, "eval")
+    stats = {"format": raw.lm_format, "completion_only_loss": raw.completion_only_loss, "packing": raw.packing,
+             "max_length": max_length}
+    for name, split in (("train", train), ("eval", evaluation)):
+        stats.update({f"{name}_{key}": value for key, value in token_counts(split).items()})
+    return TaskData(train, evaluation, [], PaddingCollator(pad_ids), teacher_fn, {}, stats)
+
+
+def token_counts(split: Any) -> dict[str, int]:
+    """A tokenised language-modelling split's ``examples`` (rows or packed blocks), ``tokens`` (padding
+    excluded) and ``learnt_tokens`` (labels not -100: what the loss and the perplexity count), per epoch."""
+    labels = split["labels"]
+    return {"examples": len(split), "tokens": sum(len(row) for row in labels),
+            "learnt_tokens": sum(sum(1 for t in row if t != -100) for row in labels)}
+
+
+def _lm_pad_ids(tokenizer: Any, prefix: str = "") -> dict[str, int]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {f"{prefix}input_ids": pad if pad is not None else 0, f"{prefix}attention_mask": 0, f"{prefix}labels": -100}
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars from ``datasets`` for the duration (the tokenisation of small splits is instant)."""
+    from datasets.utils import logging as ds_logging
+
+    enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            ds_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------------- fast reads

@@ -475,17 +475,29 @@ def _load_transformers(
     import transformers
     from transformers import AutoConfig
 
-    auto_class = getattr(transformers, get_task(task).auto_class)
+    info = get_task(task)
+    auto_class = getattr(transformers, info.auto_class)
     is_folder = os.path.isdir(name)
     pretrained = spec.pretrained if spec.pretrained is not None else (role == "teacher" or is_folder)
+    if spec.init_layers is not None:
+        pretrained = True  # validation refuses `pretrained: false` with it
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     fresh = spec.config is not None and name in CONFIG_MAPPING and not is_folder
+    language_model = info.targets == "tokens"
+    tokenizer = None
+    if fresh and language_model:  # its config is sized from the tokenizer (below)
+        tokenizer = _load_tokenizer(spec.tokenizer, path, spec.revision)
     label_kwargs = {}
     # A student, or a teacher built fresh from a config, gets the data's classes; a trained teacher keeps its own.
-    if (role == "student" or fresh) and num_labels is not None:
+    # A language model has no classes: its "labels" are its tokens.
+    if (role == "student" or fresh) and num_labels is not None and not language_model:
         labels = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
         label_kwargs = {"num_labels": num_labels, "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
+    if fresh and language_model and tokenizer is not None:
+        # A fresh language model fits its tokenizer: its vocabulary and special tokens (generation stops at EOS).
+        label_kwargs = {key: value for key, value in _tokenizer_config_fields(tokenizer).items()
+                        if key not in spec.config}
     try:
         if fresh:
             config = AutoConfig.for_model(name, **spec.config, **label_kwargs)
@@ -508,7 +520,7 @@ def _load_transformers(
     if spec.dtype:
         kwargs["dtype"] = getattr(torch, spec.dtype)
     try:
-        if pretrained:
+        if pretrained and spec.init_layers is None:
             model = auto_class.from_pretrained(
                 name, config=config, revision=spec.revision, ignore_mismatched_sizes=role == "student", **kwargs
             )
@@ -522,26 +534,125 @@ def _load_transformers(
         if not is_folder and _hub_offline():
             raise _offline_error(f"{path}.name", f"model {name!r}") from None
         raise RecipeError(f"{path}.name", f"cannot load model {name!r}: {exc}") from None
+    if spec.init_layers is not None:
+        init_layers_from_checkpoint(model, name, spec, path, auto_class)
     loaded = LoadedModel(
         model=model,
         role=role,
         name=name,
-        num_labels=model.config.num_labels,
-        id2label=_real_labels({int(k): v for k, v in (model.config.id2label or {}).items()}),
+        num_labels=0 if language_model else model.config.num_labels,
+        id2label=None if language_model else _real_labels({int(k): v for k, v in (model.config.id2label or {}).items()}),
         folder=name if is_folder else None,
     )
-    if task == "text-classification":
-        loaded.tokenizer = _load_tokenizer(spec.tokenizer or (None if fresh else name), path, spec.revision)
+    if info.inputs == "text":
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(spec.tokenizer or (None if fresh else name), path, spec.revision)
+        loaded.tokenizer = tokenizer
+        if language_model and tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            raise RecipeError(
+                f"{path}.config" if fresh else f"{path}.tokenizer",
+                f"the tokenizer has {len(tokenizer)} tokens but {name!r} embeds only "
+                f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
+                + (" or leave `vocab_size` out of `config` (it then fits the tokenizer)" if fresh else ""),
+            )
     else:
         _attach_image_processor(loaded, name, spec, path)
     return loaded
+
+
+def _tokenizer_config_fields(tokenizer: Any) -> dict[str, Any]:
+    """The config fields that make a fresh language model fit ``tokenizer``: vocabulary size, special token ids."""
+    fields: dict[str, Any] = {"vocab_size": len(tokenizer)}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, key, None)
+        if value is not None:
+            fields[key] = value
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# A student with fewer layers than a checkpoint, started from some of its layers.
+# ---------------------------------------------------------------------------------------------
+def layer_stack(model: nn.Module, num_layers: int | None = None) -> tuple[str, nn.ModuleList]:
+    """``(path, module list)`` of a transformers model's stack of layers: the longest ``nn.ModuleList``
+    (of ``num_layers`` modules when given: ``config.num_hidden_layers``); GPT-2's ``transformer.h``,
+    Llama's ``model.layers``, BERT's ``bert.encoder.layer``."""
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
+    if num_layers is not None:
+        lists = [(name, module) for name, module in lists if len(module) == num_layers] or lists
+    if not lists:
+        raise DistillationError(f"{type(model).__name__} has no stack of layers (nn.ModuleList) to pick layers from")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def pick_layers(init_layers: Any, teacher_layers: int, student_layers: int) -> list[int]:
+    """The checkpoint layer each student layer starts from: ``first`` (0..N-1), ``uniform`` (every k-th,
+    k = L // N: 0, k, 2k, ...) or an explicit list of N indices."""
+    if init_layers == "first":
+        chosen = list(range(student_layers))
+    elif init_layers == "uniform":
+        step = max(1, teacher_layers // student_layers)
+        chosen = [i * step for i in range(student_layers)]
+    else:
+        chosen = [int(i) for i in init_layers]
+        if len(chosen) != student_layers:
+            raise ValueError(f"{len(chosen)} layer indices for a model with {student_layers} layers")
+    bad = [i for i in chosen if not 0 <= i < teacher_layers]
+    if bad:
+        raise ValueError(f"layer indices {bad} are not among the checkpoint's {teacher_layers} layers (0..{teacher_layers - 1})")
+    return chosen
+
+
+def init_layers_from_checkpoint(model: nn.Module, name: str, spec: ModelSpec, path: str, auto_class: Any) -> list[int]:
+    """Set ``model`` (built with fewer layers) from the checkpoint ``name``: every weight outside the stack
+    of layers (embeddings, final norm, head) by name, and student layer i from the checkpoint layer
+    :func:`pick_layers` chose for it (``spec.init_layers``). Returns the chosen checkpoint layers.
+    """
+    where = f"{path}.init_layers"
+    kwargs = {"dtype": getattr(torch, spec.dtype)} if spec.dtype else {}
+    try:
+        source = auto_class.from_pretrained(name, revision=spec.revision, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{path}.name", f"cannot load the checkpoint {name!r} to start the layers from: {exc}") from None
+    source_layers = getattr(source.config, "num_hidden_layers", None)
+    source_path, source_stack = layer_stack(source, source_layers)
+    try:
+        target_stack = model.get_submodule(source_path)
+    except AttributeError:
+        raise RecipeError(where, f"the model has no {source_path!r} like the checkpoint {name!r}") from None
+    try:
+        chosen = pick_layers(spec.init_layers, len(source_stack), len(target_stack))
+    except ValueError as exc:
+        raise RecipeError(where, str(exc)) from None
+    source_state = source.state_dict()
+    prefix = source_path + "."
+    state = {}
+    for key, value in model.state_dict().items():
+        origin = key
+        in_stack = key.startswith(prefix)
+        if in_stack:
+            index, _, rest = key[len(prefix):].partition(".")
+            origin = f"{prefix}{chosen[int(index)]}.{rest}"
+        if origin in source_state and source_state[origin].shape == value.shape:
+            state[key] = source_state[origin]
+        elif in_stack:
+            found = tuple(source_state[origin].shape) if origin in source_state else "missing"
+            raise RecipeError(where, f"the checkpoint's {origin!r} ({found}) does not fit the model's {key!r} "
+                              f"({tuple(value.shape)}); only the number of layers may differ from the checkpoint")
+        # else: a head the checkpoint has not, or of another size (other classes), keeps its fresh initialisation
+    model.load_state_dict(state, strict=False)
+    del source
+    return chosen
 
 
 def _load_tokenizer(name: str | None, path: str, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     if name is None:
-        raise RecipeError(f"{path}.tokenizer", "a model built from `config` needs a `tokenizer` (id or folder)")
+        raise RecipeError(f"{path}.tokenizer", "a model built from `config` needs a `tokenizer` (id or folder, or "
+                          f"`{BYTES_TOKENIZER}` for a byte-level one built offline)")
+    if name == BYTES_TOKENIZER:
+        return byte_tokenizer()
     if name.startswith(PACKAGE_PREFIX):
         name = _resolve_package(name, f"{path}.tokenizer")
     try:
@@ -550,6 +661,37 @@ def _load_tokenizer(name: str | None, path: str, revision: str | None = None) ->
         if not os.path.isdir(name) and _hub_offline():
             raise _offline_error(f"{path}.tokenizer", f"tokenizer {name!r}") from None
         raise RecipeError(f"{path}.tokenizer", f"cannot load tokenizer {name!r}: {exc}") from None
+
+
+BYTES_TOKENIZER = "hfdistill:bytes"
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer built offline, no file and no training needed (``tokenizer: hfdistill:bytes``).
+
+    GPT-2's byte-level pre-tokenizer and decoder over the 256 bytes, with no merges: every UTF-8 byte is
+    one token, so any text round-trips exactly. Ids 0 and 1 are ``<|endoftext|>`` (BOS, EOS) and ``<|pad|>``;
+    258 tokens in all. It pads on the left (batched generation) and has the default chat template
+    (:data:`hfdistill.data.DEFAULT_CHAT_TEMPLATE`); saved with a model, ``AutoTokenizer`` and ``pipeline()``
+    load it from the folder like any other.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .data import DEFAULT_CHAT_TEMPLATE
+
+    specials = ["<|endoftext|>", "<|pad|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=specials[0], eos_token=specials[0], pad_token=specials[1],
+        padding_side="left", model_max_length=1_000_000,
+    )
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
 
 
 def _attach_image_processor(loaded: LoadedModel, name: str, spec: ModelSpec, path: str) -> None:

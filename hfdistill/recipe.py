@@ -158,10 +158,20 @@ class ModelSpec:
                   "from this config; with a model id or folder, overrides fields of its config (`num_hidden_layers`)"},
     )
     tokenizer: Union[str, None] = field(
-        default=None, metadata={"help": "tokenizer id or folder (default: the model's own; required for `config` models)"}
+        default=None, metadata={"help": "tokenizer id or folder (default: the model's own; required for `config` models); "
+                                "`hfdistill:bytes`: a byte-level tokenizer built offline (256 byte tokens plus "
+                                "<|endoftext|> and <|pad|>), saved with the model"}
     )
     image_size: Union[int, None] = field(
         default=None, metadata={"help": "input resolution of this model (default: data.image_size, else its own config)"}
+    )
+    init_layers: Union[str, list[int], None] = field(
+        default=None,
+        metadata={"help": "a transformers model loaded from a checkpoint (`pretrained: true`) with fewer layers than "
+                  "it (`config: {num_hidden_layers: N}`): which of the checkpoint's layers the N layers start from: "
+                  "`first` (layers 0..N-1), `uniform` (every k-th, k = L // N: layers 0, k, 2k, ..., as DistilBERT), "
+                  "or a list of N layer indices; embeddings, final norm and head are copied too (default: "
+                  "transformers' own loading, the first N)"},
     )
     train_from: Union["ModelSpec", None] = field(
         default=None,
@@ -226,6 +236,29 @@ class DataSpec:
                   "default (crop for digits, crop_flip otherwise)"},
     )
     options: dict = field(default_factory=dict, metadata={"help": "source-specific options (e.g. topics)"})
+    # Language modelling (task: text-generation) only.
+    prompt_column: Union[str, None] = field(
+        default=None, metadata={"help": "text-generation: column holding the prompts of prompt/completion pairs "
+                                "(default: `prompt`, when the data has `prompt` and `completion` columns)"}
+    )
+    completion_column: Union[str, None] = field(
+        default=None, metadata={"help": "text-generation: column holding the completions (default: `completion`)"}
+    )
+    messages_column: Union[str, None] = field(
+        default=None, metadata={"help": "text-generation: column holding chats, lists of {role, content} rendered "
+                                "with the tokenizer's chat template (default: `messages`, when present)"}
+    )
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={"help": "text-generation: learn only the completion tokens (of prompt/completion pairs; the "
+                  "assistant turns of chats); false: every token (plain text always learns every token)"},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "text-generation: concatenate the tokenised examples (each ending with the end-of-text "
+                  "token) into blocks of `max_length` tokens, train and eval splits both; no attention mask between "
+                  "the examples of a block"},
+    )
 
 
 @dataclass
@@ -438,7 +471,7 @@ class Recipe:
         if self.student is not None and self.student.baseline_seeds < 1:
             raise RecipeError("student.baseline_seeds", f"must be >= 1, got {self.student.baseline_seeds}")
         if self.data is not None:
-            _validate_data(self.data)
+            _validate_data(self.data, self.task)
 
     def _effective_task_weight(self, stage: StageSpec) -> Any:
         if stage.task_weight is not None:
@@ -463,6 +496,27 @@ def _validate_model(spec: ModelSpec, path: str) -> None:
                                   f"{spec.name!r}; use {instead}")
     if spec.dtype is not None and spec.dtype not in ("float32", "bfloat16", "float16"):
         raise RecipeError(f"{path}.dtype", f"must be float32, bfloat16 or float16, got {spec.dtype!r}")
+    if spec.init_layers is not None:
+        _validate_init_layers(spec, path)
+
+
+def _validate_init_layers(spec: ModelSpec, path: str) -> None:
+    where = f"{path}.init_layers"
+    value = spec.init_layers
+    if spec.name.startswith(("timm:", "hf-hub:")):
+        raise RecipeError(where, f"applies to transformers models, not to the timm model {spec.name!r}")
+    if spec.pretrained is False:
+        raise RecipeError(where, "picks the checkpoint's layers to start from, but `pretrained: false` loads none; "
+                          "remove one of them")
+    if isinstance(value, str):
+        if value not in ("first", "uniform"):
+            raise RecipeError(where, f"must be `first`, `uniform` or a list of layer indices, got {value!r}"
+                              f"{_suggest(value, ('first', 'uniform'))}")
+    elif isinstance(value, list):
+        if not value or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+            raise RecipeError(where, f"a list of layer indices must hold integers >= 0, got {value!r}")
+    else:
+        raise RecipeError(where, f"must be `first`, `uniform` or a list of layer indices, got {value!r}")
 
 
 # Teacher fields that make no sense with `cache:` (the cached outputs fix the teacher, its dtype and its weights).
@@ -488,8 +542,20 @@ def _validate_cache_spec(spec: ModelSpec, path: str) -> None:
             raise RecipeError(f"{path}.{key}", f"does not go with `cache:`: {why}; remove it")
 
 
-def _validate_data(data: DataSpec) -> None:
+# DataSpec fields that only language modelling reads, with their defaults (refused, not ignored, elsewhere).
+LANGUAGE_MODELLING_DATA_FIELDS = {"prompt_column": None, "completion_column": None, "messages_column": None,
+                                  "completion_only_loss": True, "packing": False}
+
+
+def _validate_data(data: DataSpec, task: Union[str, None] = None) -> None:
     from .data import BUILTIN_SOURCE_FIELDS, SOURCE_AGNOSTIC_FIELDS
+    from .tasks import TASKS as TASK_TABLE
+
+    if task in TASK_TABLE and TASK_TABLE[task].targets != "tokens":
+        for key, default in LANGUAGE_MODELLING_DATA_FIELDS.items():
+            if getattr(data, key) != default:
+                raise RecipeError(f"data.{key}", f"applies to language modelling (task: text-generation), not to "
+                                  f"{task}; remove it")
 
     if not data.name.strip():
         raise RecipeError("data.name", "is empty; name a dataset (a Hub id, a built-in set such as `sklearn-digits`, "

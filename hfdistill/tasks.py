@@ -5,7 +5,7 @@ for it, the ``pipeline()`` tag of the saved student, what the inputs are (images
 column names looked for), the function that turns raw splits into model inputs (its *data builder*,
 in :mod:`hfdistill.data`), the student's own task loss and the metric the summary and the card report.
 
-Adding a task (language modelling, detection, segmentation) is one entry here plus its data builder;
+Adding a task (detection, segmentation) is one entry here plus its data builder;
 the recipe's ``task:`` values, the data loading, the run pipeline and the card read this table instead
 of testing task names.
 
@@ -36,6 +36,13 @@ class Task:
     metric: str  # the headline metric: the summary's column and the card's first result
     compute_metrics: Callable[[Any], dict]  # Trainer's compute_metrics: EvalPrediction -> {metric: value}
     example_input: str  # a Python literal the card's usage snippet passes to pipeline()
+    # What the model learns to predict: "labels" (one integer class per example, from a label column) or
+    # "tokens" (language modelling: the text is its own target; no label column, no class names).
+    targets: str = "labels"
+    greater_is_better: bool = True  # whether a higher `metric` is better (perplexity: lower is better)
+    # The Trainer's preprocess_logits_for_metrics: (logits, labels) -> what compute_metrics reads, per batch
+    # (a language model: the per-token NLL [B, T] instead of [B, T, vocabulary] logits held for the whole eval set).
+    preprocess_logits: Callable[[Any, Any], Any] | None = None
 
     @property
     def processor(self) -> str:
@@ -61,6 +68,73 @@ def classification_loss(logits: Any, labels: Any) -> Any:
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
 
 
+def causal_lm_loss(logits: Any, labels: Any) -> Any:
+    """Mean next-token cross-entropy, in fp32: position t predicts token t+1, ``-100`` labels ignored.
+
+    The same shift and mean as transformers' own causal LM loss (``ForCausalLMLoss``), for a model that
+    returns no loss itself; ``labels`` are the input ids with ``-100`` on the tokens not to learn.
+    """
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(), labels[..., 1:].flatten(), ignore_index=-100)
+
+
+def token_nll(logits: Any, labels: Any) -> Any:
+    """Per-token negative log-likelihood ``[B, T]`` of the next token (position t: -log p(token t | tokens < t)),
+    0 where the label is ``-100`` (and at t=0, which nothing predicts).
+
+    Suitable as the Trainer's ``preprocess_logits_for_metrics``: evaluation then keeps ``[N, T]`` numbers
+    instead of ``[N, T, vocabulary]`` logits, and :func:`perplexity` reads them.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    target = labels[..., 1:]
+    keep = target != -100
+    nll = F.cross_entropy(logits[..., :-1, :].transpose(1, -1).float(), target.masked_fill(~keep, 0),
+                          reduction="none").masked_fill(~keep, 0.0)
+    return torch.cat([torch.zeros_like(nll[..., :1]), nll], dim=-1)
+
+
+def perplexity(eval_pred: Any) -> dict[str, float]:
+    """``exp`` of the mean next-token cross-entropy over the eval set's completion tokens (labels not ``-100``).
+
+    Token-weighted over the whole set (not a mean of batch means). ``predictions`` are the logits
+    ``[N, T, V]`` (or a tuple whose first item is), or the per-token NLL ``[N, T]`` of :func:`token_nll`;
+    ``label_ids`` ``[N, T]`` are the unshifted labels (position t is predicted by position t-1). The Trainer
+    pads both across batches with -100, which only ever sits where the labels are -100. Lower is better.
+    """
+    import math
+
+    import numpy as np
+    import torch
+
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(predictions, (tuple, list)):
+        predictions = predictions[0]
+    labels = torch.as_tensor(np.asarray(labels))
+    total, count = 0.0, 0
+    if np.ndim(predictions) == 2:  # per-token NLL already (token_nll)
+        nll = torch.as_tensor(np.asarray(predictions), dtype=torch.float64)
+        keep = labels != -100
+        keep[..., 0] = False
+        total, count = float(nll[keep].sum()), int(keep.sum())
+    else:
+        predictions = np.asarray(predictions)
+        for start in range(0, len(labels), 8):  # a few rows at a time: [rows, T, V] in fp32
+            logits = torch.as_tensor(predictions[start:start + 8], dtype=torch.float32)
+            rows = labels[start:start + 8]
+            keep = rows[..., 1:] != -100
+            total += float(token_nll(logits, rows)[..., 1:][keep].double().sum())
+            count += int(keep.sum())
+    if count == 0:
+        return {"perplexity": float("nan")}
+    mean = total / count
+    return {"perplexity": float(math.exp(mean)) if mean < 700 else float("inf")}
+
+
 # ------------------------------------------------------------------------------------ data builders
 # Thin wrappers: hfdistill.data imports the models and the recipe types, which import this module.
 def _image_classification_data(raw: Any, student: Any, teacher: Any = None, augment: str = "auto",
@@ -75,6 +149,13 @@ def _text_classification_data(raw: Any, student: Any, teacher: Any = None, augme
     from .data import text_classification_data
 
     return text_classification_data(raw, student, teacher, max_length=max_length)
+
+
+def _causal_lm_data(raw: Any, student: Any, teacher: Any = None, augment: str = "auto",
+                    max_length: int = 128) -> Any:
+    from .data import causal_lm_data
+
+    return causal_lm_data(raw, student, teacher, max_length=max_length)
 
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
@@ -111,6 +192,25 @@ TASKS: dict[str, Task] = {
             metric="accuracy",
             compute_metrics=accuracy,
             example_input='"This was a great way to spend an evening."',
+        ),
+        Task(
+            name="text-generation",
+            auto_class="AutoModelForCausalLM",
+            pipeline_tag="text-generation",
+            inputs="text",
+            # Plain text; prompt/completion pairs (`prompt`, `completion`) and chats (`messages`) are found
+            # by hfdistill.data.load_raw_data, which reads these columns for the plain-text format.
+            input_columns=TEXT_COLUMNS,
+            label_columns=(),
+            build_data=_causal_lm_data,
+            task_loss="the model's own causal LM loss (next-token cross-entropy on the completion tokens)",
+            loss=causal_lm_loss,
+            metric="perplexity",
+            compute_metrics=perplexity,
+            example_input='"Hello, how are you?"',
+            targets="tokens",
+            greater_is_better=False,
+            preprocess_logits=token_nll,
         ),
     )
 }
