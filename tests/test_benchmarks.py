@@ -1,0 +1,104 @@
+"""The speed benchmarks run end to end at their `--tiny` size and write every row they promise.
+
+benchmarks/peers_speed.py: every system has a row for both methods, with numbers or a reason it was
+skipped (torchdistill missing, timm unable to express FitNet); none failed; the Trainer-based systems that
+do the same work from the same seed reach the same accuracy. benchmarks/step_overhead.py: every pair has
+its time and memory rows and both leak-check runs are there.
+"""
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of the table under the markdown heading that starts with ``heading``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#") and line.lstrip("# ").startswith(heading))
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows[1:]  # without the header row
+
+
+@pytest.fixture(scope="module")
+def peers(tmp_path_factory):
+    module = load("peers_speed")
+    out = tmp_path_factory.mktemp("peers") / "peers_speed_cpu.md"
+    assert module.main(["--tiny", "--out", str(out)]) == 0
+    return module, out.read_text(), json.loads(out.with_suffix(".json").read_text())
+
+
+@pytest.mark.parametrize("heading, method", [("KD", "kd"), ("FitNet", "fitnet")])
+def test_peers_speed_rows(peers, heading, method):
+    module, text, raw = peers
+    assert "Tiny run" in text and "Machine:" in text and "Date:" in text
+    assert "Command: `python benchmarks/peers_speed.py --tiny" in text
+    rows = {cells[0]: cells for cells in table_rows(text, heading)}
+    assert set(rows) == set(module.SYSTEMS.values())
+    torchdistill_here = importlib.util.find_spec("torchdistill") is not None
+    for system, label in module.SYSTEMS.items():
+        cells = rows[label]
+        note = cells[-1]
+        assert "failed" not in note, f"{label}: {note}"
+        skipped = (system == "timm" and method == "fitnet") or (system == "torchdistill" and not torchdistill_here)
+        if skipped:
+            assert note.startswith("skipped: ") and len(note) > 30, f"{label} must say why it was skipped: {note}"
+            assert cells[1] == "-"
+        else:
+            seconds, ratio, data_s, setup_s = cells[1:5]
+            assert all(NUMBER.match(v) for v in (seconds, ratio, data_s, setup_s)), cells
+            assert float(seconds) > 0
+            assert 0 <= float(cells[5].split()[0]) <= 1  # accuracy
+    reference = "torchdistill" if torchdistill_here else "trainer"
+    assert f"vs {reference}" in text
+    if not torchdistill_here:
+        assert "torchdistill is not installed" in rows[module.SYSTEMS["torchdistill"]][-1]
+
+
+def test_peers_speed_equal_work_equal_accuracy(peers):
+    """(c), (c2), (d), (e) and (f) do the same KD from the same weights and seed: the same accuracy."""
+    _, _, raw = peers
+    found = {r["system"]: r["accuracy"][0] for r in raw["rows"] if r["method"] == "kd" and r["accuracy"]}
+    same = [found[s] for s in ("trainer", "trainer-datasets", "hfdistill-tensors", "hfdistill-datasets",
+                               "hfdistill-recipe")]
+    assert max(same) - min(same) <= 0.05, found
+
+
+def test_step_overhead_rows(tmp_path):
+    module = load("step_overhead")
+    out = tmp_path / "step_overhead_cpu.md"
+    assert module.main(["--tiny", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Machine:" in text and "Date:" in text and "Command: `python benchmarks/step_overhead.py --tiny" in text
+    times = table_rows(text, "Time per optimisation step")
+    memory = table_rows(text, "Peak memory")
+    leaks = table_rows(text, "Leak check")
+    for pair in ("cnn-small", "cnn-224", "bert"):
+        (row,) = [cells for cells in times if cells[0].startswith(pair + ":")]
+        assert all(NUMBER.match(v) for v in row[1:]), row
+        assert all(float(v) > 0 for v in row[1:5])
+        (row,) = [cells for cells in memory if cells[0] == pair]
+        assert all(NUMBER.match(v) for v in row[1:]), row
+    assert [cells[0] for cells in leaks] == ["cnn-small, live KD", "cnn-small, cached KD"]
+    assert all(cells[-1] in ("yes", "NO") for cells in leaks)
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert [p["pair"] for p in raw["pairs"]] == ["cnn-small", "cnn-224", "bert"]
