@@ -238,7 +238,9 @@ class RunInterrupted(KeyboardInterrupt):
 
 def _require(recipe: Recipe) -> None:
     if recipe.task is None:
-        raise RecipeError("task", "a run needs `task:` (image-classification or text-classification)")
+        from .tasks import TASK_NAMES
+
+        raise RecipeError("task", f"a run needs `task:` (one of {', '.join(TASK_NAMES)})")
     get_task(recipe.task)
     if recipe.student is None:
         raise RecipeError("student", "a run needs a `student:` section with at least `name:`")
@@ -915,8 +917,11 @@ def format_check(report: CheckReport) -> str:
         params = plan.teacher.model.num_parameters if cached else model_stats(plan.teacher.model)[0]
         lines.append(f"teacher: {plan.teacher.name} ({format_count(params)} parameters{how})")
     data = final.data
+    stats = getattr(data, "stats", None) or {}
+    what = (f"{stats['format']} data, {stats.get('train_learnt_tokens')} of {stats.get('train_tokens')} training "
+            "tokens learnt per epoch" if "format" in stats else f"{len(plan.label_names)} labels")
     lines.append(f"data: {recipe.data.name}: {len(data.train)} training and {len(data.eval)} evaluation examples, "
-                 f"{len(plan.label_names)} labels")
+                 f"{what}")
     lines.append("jobs:")
     for job in plan.jobs:
         lines.append(f"  {job.label} -> {job.output_dir}")
@@ -1085,7 +1090,8 @@ def summarise(plan: Plan) -> str:
         lines += [f"  {peer.name} = {plan.task.auto_class}.from_pretrained({peer.output_dir!r})" for peer in final.peers]
     else:
         lines.append("  from transformers import pipeline")
-        lines.append(f"  classifier = pipeline({plan.task.pipeline_tag!r}, model={plan.output_dir!r})")
+        name = "generator" if plan.task.pipeline_tag == "text-generation" else "classifier"
+        lines.append(f"  {name} = pipeline({plan.task.pipeline_tag!r}, model={plan.output_dir!r})")
         lines += [f"  {peer.name} = pipeline({plan.task.pipeline_tag!r}, model={peer.output_dir!r})"
                   for peer in final.peers]
     return "\n".join(lines)

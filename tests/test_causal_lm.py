@@ -364,6 +364,7 @@ def test_run_distils_a_causal_lm_whose_student_generates_in_a_fresh_process(tmp_
     metrics = result.metrics
     assert metrics["eval_perplexity"] > 1 and metrics["eval_teacher_perplexity"] > 1
     assert "perplexity" in result.summary
+    assert f"generator = pipeline('text-generation', model={result.output_dir!r})" in result.summary
     student = Path(result.output_dir)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (student / name).is_file(), name
@@ -392,3 +393,11 @@ def test_chatterbot_causal_lm_recipe(tmp_path):
     chat = pipeline("text-generation", model=result.output_dir)
     reply = chat([{"role": "user", "content": "What is your favorite food?"}], max_new_tokens=20, do_sample=False)
     assert reply[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_check_describes_language_modelling_data_in_tokens(tmp_path):
+    from hfdistill.run import check
+
+    report = check(Recipe.from_dict(tiny_lm_recipe(tmp_path)))
+    data_line = next(line for line in report.text.splitlines() if line.startswith("data:"))
+    assert "chat data" in data_line and "training tokens learnt per epoch" in data_line and "labels" not in data_line
