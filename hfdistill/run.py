@@ -386,6 +386,8 @@ def plan_run(recipe: Recipe, recipe_path: str | None = None, dataset: Any = None
     from .outputs import baseline_dir, seed_dir
 
     data = build_task_data(raw, task.name, student, teacher, recipe.data.augment, recipe.data.max_length)
+    if task.targets == "tokens" and teacher is not None and not getattr(teacher.model, "is_cache", False):
+        _check_vocabularies(recipe, student, teacher)
     comparing = recipe.student.baseline and teacher is not None
     if comparing:
         # Extra seeds first (their folders end in -seed<N>), then the first seed's baseline and student.
@@ -406,6 +408,37 @@ def plan_run(recipe: Recipe, recipe_path: str | None = None, dataset: Any = None
     jobs.append(Job(label, output_dir, data, loaded=student, teacher=teacher, recipe=recipe,
                     stages=_stage_runs(recipe, output_dir), comparison="distilled" if comparing else None, seed=seed))
     return Plan(recipe, task, output_dir, jobs, raw.label_names, teacher, teacher_folder)
+
+
+def _vocabulary(loaded: Any) -> int | None:
+    head = loaded.model.get_output_embeddings() if hasattr(loaded.model, "get_output_embeddings") else None
+    return int(head.weight.shape[0]) if head is not None else getattr(loaded.model.config, "vocab_size", None)
+
+
+def _check_vocabularies(recipe: Recipe, student: Any, teacher: Any) -> None:
+    """Language models whose tokenizers or vocabularies differ: a term comparing next-token distributions
+    over one vocabulary (every logits loss but `uld`) cannot pair them; say so now, naming both."""
+    from . import losses
+    from .data import same_tokenizer
+
+    sizes = _vocabulary(student), _vocabulary(teacher)
+    tokenizers = student.tokenizer, teacher.tokenizer
+    if sizes[0] == sizes[1] and (None in tokenizers or same_tokenizer(*tokenizers)):
+        return
+    for k, stage in enumerate(recipe.stage_list()):
+        for i, term in enumerate(stage.terms):
+            info = losses.get_info(term.loss)
+            if info.reads != "logits" or not info.same_shape:
+                continue
+            where = f"stages[{k}].terms[{i}].loss" if recipe.stages else f"terms[{i}].loss"
+            names = [getattr(t, "name_or_path", None) or type(t).__name__ for t in tokenizers]
+            raise RecipeError(where, (
+                f"`{term.loss}` compares the teacher's and the student's next-token distributions over one "
+                f"vocabulary, but the student's tokenizer ({names[0]}, {len(tokenizers[0]) if tokenizers[0] else '?'} "
+                f"tokens; output vocabulary {sizes[0]}) and the teacher's ({names[1]}, "
+                f"{len(tokenizers[1]) if tokenizers[1] else '?'} tokens; output vocabulary {sizes[1]}) differ. Use "
+                "`uld` (Universal Logit Distillation), which pairs any two vocabularies, or a teacher and student "
+                "with the same tokenizer"))
 
 
 # ------------------------------------------------------------------------------------ trainers

@@ -401,3 +401,22 @@ def test_check_describes_language_modelling_data_in_tokens(tmp_path):
     report = check(Recipe.from_dict(tiny_lm_recipe(tmp_path)))
     data_line = next(line for line in report.text.splitlines() if line.startswith("data:"))
     assert "chat data" in data_line and "training tokens learnt per epoch" in data_line and "labels" not in data_line
+
+
+def test_different_vocabularies_are_refused_before_training_unless_uld(tmp_path):
+    from hfdistill.errors import RecipeError
+    from hfdistill.run import plan_run
+
+    spec = tiny_lm_recipe(tmp_path)
+    tiny = dict(TINY_GPT2, n_positions=96)
+    # a teacher whose output vocabulary is larger than the byte tokenizer's 258 tokens
+    spec["teacher"] = {"name": "gpt2", "config": dict(tiny, vocab_size=300), "tokenizer": BYTES_TOKENIZER}
+    spec["student"].pop("baseline")
+    with pytest.raises(RecipeError) as refused:
+        plan_run(Recipe.from_dict(spec))
+    message = str(refused.value)
+    assert "terms[0].loss" in message and "forward_kl" in message and "uld" in message
+    assert "output vocabulary 258" in message and "output vocabulary 300" in message
+    spec["terms"] = [{"loss": "uld", "weight": 0.5}]
+    plan = plan_run(Recipe.from_dict(spec))  # ULD pairs any two vocabularies
+    assert plan.final.recipe.terms[0].loss == "uld"
