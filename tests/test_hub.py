@@ -471,3 +471,42 @@ def test_cli_train_pushes_the_student(fake_hub, tmp_path):
     assert "timm:test_resnet" in recipe_pushed and "sklearn-digits" in recipe_pushed  # the whole recipe, not just terms
     use = subprocess_use(fake_hub.url, tmp_path, "user/cli-student")
     assert "LABELS" in use.stdout
+
+
+@pytest.mark.slow
+def test_causal_lm_student_pushed_loads_with_text_generation_pipeline(fake_hub, tmp_path):
+    """A distilled causal LM (text-generation task, offline byte tokenizer) pushed by `hfdistill train`
+    generates through pipeline("text-generation") from the Hub in a fresh process, as text and as chat."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(textwrap.dedent("""
+        task: text-generation
+        teacher: {name: gpt2, config: {n_layer: 2, n_embd: 32, n_head: 2, n_positions: 96}, tokenizer: "hfdistill:bytes"}
+        student: {name: gpt2, config: {n_layer: 1, n_embd: 16, n_head: 2, n_positions: 96}, tokenizer: "hfdistill:bytes"}
+        data: {name: chatterbot-corpus, options: {topics: [greetings]}, max_length: 96, max_train_samples: 32,
+               max_eval_samples: 8}
+        terms: [{loss: forward_kl, weight: 0.5}]
+        training: {max_steps: 2, per_device_train_batch_size: 8, save_strategy: "no", use_cpu: true}
+    """))
+    repo_id = "user/tiny-causal-lm-student"
+    run_python(f"""
+        import sys
+        from hfdistill.cli import main
+        sys.exit(main(["train", {str(recipe)!r}, "--training.output_dir", {str(tmp_path / 'lm_run')!r},
+                       "--training.push_to_hub", "true", "--training.hub_model_id", {repo_id!r}]))
+    """, fake_hub.url, tmp_path, {"HF_TOKEN": TOKEN}, timeout=400)
+    files = fake_hub.files(repo_id)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "distill_recipe.yaml",
+            "generation_config.json"} <= set(files)
+    assert TOKEN.encode() not in all_text(files)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.pipeline_tag == "text-generation" and "perplexity" in card.text
+    use = run_python(f"""
+        import json
+        from transformers import pipeline
+        pipe = pipeline("text-generation", model={repo_id!r})
+        text = pipe("Hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+        chat = pipe([{{"role": "user", "content": "Hi"}}], max_new_tokens=5, do_sample=False)[0]["generated_text"]
+        print("GENERATED", json.dumps({{"text": text, "chat": chat[-1]["role"]}}))
+    """, fake_hub.url, tmp_path)
+    generated = json.loads(use.stdout.split("GENERATED ", 1)[1].splitlines()[0])
+    assert generated["text"].startswith("Hello") and len(generated["text"]) > 5 and generated["chat"] == "assistant"
