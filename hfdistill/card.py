@@ -296,6 +296,7 @@ def build_model_card(
     comparison: Mapping[str, Any] | None = None,
     plots: list[Mapping[str, Any]] | None = None,
     plots_note: str | None = None,
+    data_summary: str | None = None,
     **unused: Any,
 ):
     """The model card of a distilled student, as a validated ``huggingface_hub.ModelCard``.
@@ -404,6 +405,7 @@ def build_model_card(
         "student_id": student_id,
         "student_pretrained": student_pretrained,
         "dataset": dataset,
+        "data_summary": data_summary,
         "loss_formula": formula,
         "terms_table": terms_table,
         "papers": papers,

@@ -998,6 +998,7 @@ def _write_card(plan: Plan, command: str | None) -> None:
     )
     if plan.recipe.stages:
         info["stages"] = stage_table(final)
+    info["data_summary"] = _tokens_seen(final)
     info.update(_result_extras(plan, batch))
     main_id = os.path.basename(os.path.abspath(plan.output_dir))
     if final.peers:  # their metrics beside the student's, and where they are (relative: no local paths)
@@ -1013,6 +1014,21 @@ def _write_card(plan: Plan, command: str | None) -> None:
                   "baseline_metrics": None, "comparison": None, "plots": None, "plots_note": None}
         peer.trainer.set_card_info(**values)
         peer.trainer.create_model_card()
+
+
+def _tokens_seen(job: Job) -> str | None:
+    """A language model's data in tokens, for the card: per epoch, learnt, and seen over the training."""
+    from .summary import format_count
+
+    stats = getattr(job.data, "stats", None) or {}
+    if "train_learnt_tokens" not in stats:
+        return None
+    epochs = sum(float(stage.train_metrics.get("epoch", 0) or 0) for stage in job.stages)
+    learnt = "completion tokens" if stats.get("completion_only_loss") else "every token"
+    return (f"Its {stats['format']} training data is {format_count(stats['train_examples'])} examples of "
+            f"{format_count(stats['train_tokens'])} tokens, {format_count(stats['train_learnt_tokens'])} of them "
+            f"learnt ({learnt}); over {epochs:g} epochs it saw about "
+            f"{format_count(round(stats['train_learnt_tokens'] * epochs))} learnt tokens.")
 
 
 def _result_extras(plan: Plan, batch: int | None) -> dict:
