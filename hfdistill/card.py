@@ -123,6 +123,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _link(model_id: str | None) -> str | None:
     repo = hub_repo_id(model_id) if model_id else None
+    if repo and "/" not in repo:  # a model built from a config is named by its class (GPT2LMHeadModel): no page
+        import transformers
+
+        if hasattr(transformers, repo):
+            return None
     return f"https://huggingface.co/{repo}" if repo else None
 
 
