@@ -598,10 +598,14 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         # transformers rotates (deletes the oldest checkpoints) before this one is complete: a run killed in
         # between would be left with fewer complete checkpoints than save_total_limit, or none. Rotate after.
         limit, self.args.save_total_limit = self.args.save_total_limit, None
+        # Nor is a checkpoint pushed (hub_strategy checkpoint / all_checkpoints) before it is complete: an upload
+        # listing its files while the marker is written could fail, or send a checkpoint that resume refuses.
+        self._checkpoint_push_deferred, self._checkpoint_to_push = True, None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
+            self._checkpoint_push_deferred = False
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         # Every process has written its part (its RNG state) before the main one marks the checkpoint whole.
@@ -611,6 +615,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             # Written last: a checkpoint is complete only with it (a run killed while writing leaves none).
             mark_checkpoint_complete(folder, self.state.global_step)
             rotate_checkpoints(run_dir, limit, keep=self.state.best_model_checkpoint)
+        if self._checkpoint_to_push is not None:
+            self._push_from_checkpoint(self._checkpoint_to_push)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         distill: DistillationModel = self.accelerator.unwrap_model(model if model is not None else self.model)

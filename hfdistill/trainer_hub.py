@@ -223,6 +223,9 @@ class HubTrainerMixin:
         from transformers.trainer_utils import HubStrategy, SaveStrategy
         from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, PushInProgress
 
+        if getattr(self, "_checkpoint_push_deferred", False):  # pushed once the checkpoint is complete
+            self._checkpoint_to_push = checkpoint_folder
+            return
         if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
             return
         if self.hub_model_id is None:
@@ -254,8 +257,8 @@ class HubTrainerMixin:
         jobs = [hub.push_folder(output_dir, self.hub_model_id, token=token, revision=self.args.hub_revision,
                                 commit_message=commit_message, run_as_future=True)]
         if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            # The lead's _save_checkpoint writes distill_state.safetensors after this call, while the upload
-            # may still be listing files: the ignore pattern, not timing, keeps the loss state out.
+            # Called once the checkpoint is complete (DistillationTrainer._save_checkpoint); the ignore pattern
+            # keeps the loss state out.
             path_in_repo = (
                 "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else os.path.basename(checkpoint_folder)
             )
