@@ -321,7 +321,9 @@ class CachedTaps:
 def _default_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    from . import processes
+
+    return processes.rank(), processes.world_size()
 
 
 def _default_device() -> torch.device:

@@ -793,24 +793,31 @@ def image_classification_data(
     return TaskData(train, evaluation, raw.label_names, PaddingCollator(), teacher_fn, id2label)
 
 
+def _teacher_tokenisation(student: LoadedModel, teacher: LoadedModel | None) -> tuple[Any, Callable | None]:
+    """Both models must have tokenizers; a teacher whose tokenizer differs from the student's gets its own
+    tokenisation (``teacher_*`` batch fields): returns its tokenizer and the batch -> teacher inputs map,
+    or ``(None, None)`` when the student's tokens serve both."""
+    if student.tokenizer is None:
+        raise RecipeError("student.tokenizer", f"{student.name!r} has no tokenizer; set `student.tokenizer`")
+    if teacher is None:
+        return None, None
+    if teacher.tokenizer is None:
+        raise RecipeError("teacher.tokenizer", f"{teacher.name!r} has no tokenizer; set `teacher.tokenizer`")
+    if same_tokenizer(student.tokenizer, teacher.tokenizer):
+        return None, None
+
+    def teacher_fn(batch: dict) -> dict:
+        return {k[len("teacher_"):]: v for k, v in batch.items() if k.startswith("teacher_")}
+
+    return teacher.tokenizer, teacher_fn
+
+
 def text_classification_data(
     raw: RawData, student: LoadedModel, teacher: LoadedModel | None = None, max_length: int = 128
 ) -> TaskData:
     """Text -> each model's own tokenisation (a teacher with another vocabulary gets ``teacher_*`` fields)."""
     id2label = dict(enumerate(raw.label_names))
-    if student.tokenizer is None:
-        raise RecipeError("student.tokenizer", f"{student.name!r} has no tokenizer; set `student.tokenizer`")
-    teacher_tokenizer = None
-    teacher_fn = None
-    if teacher is not None:
-        if teacher.tokenizer is None:
-            raise RecipeError("teacher.tokenizer", f"{teacher.name!r} has no tokenizer; set `teacher.tokenizer`")
-        if not same_tokenizer(student.tokenizer, teacher.tokenizer):
-            teacher_tokenizer = teacher.tokenizer
-
-            def teacher_fn(batch: dict) -> dict:
-                return {k[len("teacher_"):]: v for k, v in batch.items() if k.startswith("teacher_")}
-
+    teacher_tokenizer, teacher_fn = _teacher_tokenisation(student, teacher)
     transform = _TextTransform(student.tokenizer, teacher_tokenizer, raw.input_column, raw.label_column, max_length)
     pad_ids = _pad_ids(student.tokenizer)
     if teacher_tokenizer is not None:
@@ -1013,23 +1020,12 @@ def causal_lm_data(
     if raw.lm_format is None:
         raise RecipeError("task", "these splits were not loaded for language modelling (load_raw_data with a "
                           "text-generation task)")
-    if student.tokenizer is None:
-        raise RecipeError("student.tokenizer", f"{student.name!r} has no tokenizer; set `student.tokenizer`")
-    teacher_tokenizer = None
-    teacher_fn = None
-    if teacher is not None:
-        if teacher.tokenizer is None:
-            raise RecipeError("teacher.tokenizer", f"{teacher.name!r} has no tokenizer; set `teacher.tokenizer`")
-        if not same_tokenizer(student.tokenizer, teacher.tokenizer):
-            teacher_tokenizer = teacher.tokenizer
-            if raw.packing:
-                raise RecipeError(
-                    "data.packing", "packs the student's tokens into blocks, which the teacher's own tokenizer "
-                    "(another vocabulary) cannot follow; use models with the same tokenizer, or no packing",
-                )
-
-            def teacher_fn(batch: dict) -> dict:
-                return {k[len("teacher_"):]: v for k, v in batch.items() if k.startswith("teacher_")}
+    teacher_tokenizer, teacher_fn = _teacher_tokenisation(student, teacher)
+    if teacher_tokenizer is not None and raw.packing:
+        raise RecipeError(
+            "data.packing", "packs the student's tokens into blocks, which the teacher's own tokenizer "
+            "(another vocabulary) cannot follow; use models with the same tokenizer, or no packing",
+        )
     for loaded in (student, teacher):
         positions = getattr(getattr(getattr(loaded, "model", None), "config", None), "max_position_embeddings", None)
         if isinstance(positions, int) and max_length > positions:
