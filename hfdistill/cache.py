@@ -22,6 +22,12 @@ from the teacher (their teacher taps, plus ``logits`` always):
   (k=10) / 0.006 (k=50); KD's loss value is off by 32 % / 1.5 % at T=1 and by 210 % / 42 % at T=4. So keep
   full logits (the default) for classification heads, and use top-k for very large vocabularies with a
   k that holds nearly all of the teacher's mass.
+  Language models: the top-k is per token position (8 k + 4 bytes per token), and the token losses
+  (``forward_kl``, ``jsd``, ...) read it as it is (:class:`~hfdistill.losses.common.SparseLogits`), without
+  full vocabulary-size teacher logits: exact on the kept tokens, the others as one bucket
+  (:mod:`hfdistill.losses.tokens`). The manifest's ``size`` reports the bytes per token and how much of the
+  teacher's probability the top-k left to the other tokens (mean, median, p95, max), and so does
+  ``hfdistill cache``.
 - tapped features (module outputs or inputs, hidden states, attentions; a tap that gives a list is stored
   element by element): float16 by default (``feature_dtype: float32`` or ``bfloat16`` as an option). A
   value beyond float16's range is refused at build time rather than stored as inf.
@@ -95,6 +101,7 @@ import torch
 from torch import nn
 
 from .errors import DistillationError, RecipeError
+from .losses.common import SparseLogits, sparse_as_dense
 from .outputs import default_file_mode
 from .teacher import POSITIONAL_INPUTS, TEACHER_DTYPES, Teacher
 
@@ -212,23 +219,13 @@ def topk_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 def reconstruct_logits(values: torch.Tensor, indices: torch.Tensor, rest_logmass: torch.Tensor,
                        num_classes: int) -> torch.Tensor:
-    """Full logits [.., C] from a top-k: softmax at T=1 is exact on the kept classes.
+    """Full logits [.., C] from a top-k: softmax at T=1 is exact on the kept classes (:meth:`SparseLogits.dense`).
 
     The kept classes keep their logits z_i. Every other class gets ``f = lse + log m - log(C - k)`` with
     ``lse = logsumexp(z_kept) - log(1 - m)`` (the full logsumexp, recovered from the kept part), so
     ``sum_kept e^z_i + (C-k) e^f = e^lse (1 - m) + e^lse m = e^lse`` and ``softmax_i = e^(z_i - lse) = p_i``.
-    Since the kept classes are the k largest, ``m / (C-k) <= p_k``: the filled value never outranks a kept one.
     """
-    values = values.float()
-    k = values.shape[-1]
-    if k >= num_classes:
-        out = torch.empty(*values.shape[:-1], num_classes, dtype=torch.float32, device=values.device)
-        return out.scatter_(-1, indices.long(), values)
-    rest = rest_logmass.float()
-    lse = torch.logsumexp(values, -1) - torch.log(-torch.expm1(rest))  # log(1 - m) = log(-expm1(log m))
-    fill = lse + rest - math.log(num_classes - k)
-    out = fill.unsqueeze(-1).expand(*values.shape[:-1], num_classes).clone()
-    return out.scatter_(-1, indices.long(), values)
+    return SparseLogits(values, indices, rest_logmass, num_classes).dense()
 
 
 def _resize_dims(value: torch.Tensor, dims: Sequence[int], length: int) -> torch.Tensor:
@@ -443,14 +440,19 @@ class _Builder:
         x = inputs[name]
         features = self.teacher.features(batch)
         sequence = not x.is_floating_point() and x.dim() == 2
-        longer = None
+        other = None
         if sequence:
-            # One more (masked) position: the dims that grow by one are sequence dims.
+            # The same batch one position shorter (or, for a single position, one masked position longer: a
+            # longer one could pass the model's maximum length): the dims that change by one are sequence dims.
             length = x.shape[1]
-            padded = {k: (torch.cat([v, v.new_zeros(v.shape[0], 1, *v.shape[2:])], 1)
-                          if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == length else v)
-                      for k, v in batch.items()}
-            longer = self.teacher.features(padded)
+            if length >= 2:
+                changed = {k: (v[:, :length - 1] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == length
+                               else v) for k, v in batch.items()}
+            else:
+                changed = {k: (torch.cat([v, v.new_zeros(v.shape[0], 1, *v.shape[2:])], 1)
+                               if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == length else v)
+                           for k, v in batch.items()}
+            other = self.teacher.features(changed)
         else:
             self.input_shape = list(x.shape[1:])
         layouts = {}
@@ -458,11 +460,12 @@ class _Builder:
             if tap not in features:
                 raise DistillationError(f"the teacher gave no value for tap {tap!r}")
             values, is_list = _as_list(features[tap])
-            longer_values = _as_list(longer[tap])[0] if longer is not None else values
+            other_values = _as_list(other[tap])[0] if other is not None else values
             shapes, seq_dims = [], []
-            for v, w in zip(values, longer_values):
-                dims = [d - 1 for d in range(1, v.dim()) if w.shape[d] == v.shape[d] + 1]
-                if any(w.shape[d] not in (v.shape[d], v.shape[d] + 1) for d in range(v.dim())):
+            for v, w in zip(values, other_values):
+                step = 1 if other is not None and length < 2 else -1  # how the other batch's length differs
+                dims = [d - 1 for d in range(1, v.dim()) if w.shape[d] == v.shape[d] + step]
+                if any(w.shape[d] not in (v.shape[d], v.shape[d] + step) for d in range(v.dim())):
                     raise DistillationError(f"teacher tap {tap!r} changes shape with the input length in a way a "
                                             f"cache cannot store ({tuple(v.shape)} -> {tuple(w.shape)})")
                 shapes.append([None if d in dims else int(s) for d, s in enumerate(v.shape[1:])])
@@ -839,12 +842,21 @@ def _write_manifest(folder: Path, spec: dict, builder: _Builder, augmentation: s
     from safetensors import safe_open
 
     shards, digest, layout = [], hashlib.sha256(), None
+    tokens, rest_masses = 0, []
+    top_k_keys = [f"t/{tap}/rest_logmass" for tap, l in builder.layouts.items() if l.top_k is not None and l.kind == "tensor"]
     for i in range(builder.num_shards):
         path = builder.shard_path(i)
         start, stop = builder.shard_range(i)
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             digest.update(f.get_tensor("input_checksum").numpy().tobytes())
+            lengths = f.get_tensor("length") if "length" in f.keys() else None
+            tokens += int(lengths.sum()) if lengths is not None else 0
+            for key in top_k_keys:
+                rest = f.get_tensor(key).float().exp()  # [n] or [n, T] (zeros past each length: mass 1, masked)
+                if lengths is not None and rest.dim() == 2:
+                    rest = rest[torch.arange(rest.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)]
+                rest_masses.append(rest.flatten())
         shard_layout = json.loads(metadata.get("layout", "{}"))
         if layout is None:
             layout = shard_layout
@@ -853,6 +865,16 @@ def _write_manifest(folder: Path, spec: dict, builder: _Builder, augmentation: s
         shards.append({"file": path.name, "start": start, "stop": stop, "bytes": path.stat().st_size,
                        "sha256": file_sha256(path)})
     fingerprint = getattr(dataset, "_fingerprint", None)
+    size = sum(shard["bytes"] for shard in shards)
+    sizes = {"bytes": size, "bytes_per_example": size / max(spec["num_examples"], 1)}
+    if tokens:
+        sizes.update({"tokens": tokens, "bytes_per_token": size / tokens})
+    if rest_masses:
+        rest = torch.cat(rest_masses)
+        # How much of the teacher's probability the top-k leaves to the other classes (one bucket in the losses).
+        sizes["rest_mass"] = {"mean": float(rest.mean()), "median": float(rest.median()),
+                              "p95": float(rest.quantile(0.95)) if rest.numel() < 2**24 else None,
+                              "max": float(rest.max())}
     manifest = {
         **{k: spec[k] for k in ("format", "format_version", "hfdistill_version", "teacher")},
         "taps": layout,
@@ -874,6 +896,7 @@ def _write_manifest(folder: Path, spec: dict, builder: _Builder, augmentation: s
             "training_augmentation": augmentation,
         },
         "shard_size": spec["shard_size"],
+        "size": sizes,
         "shards": shards,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -1166,14 +1189,16 @@ class TeacherCache(Teacher):
         return out
 
     def _value(self, tap: str, index: torch.Tensor, length: int | None) -> Any:
+        """The stored value of ``tap`` for examples ``index``: fp32 tensors, or :class:`SparseLogits` for a
+        top-k logits tap (the terms give full logits to the losses that do not read a top-k themselves)."""
         layout = self.layouts[tap]
         values = []
         for i, dims in enumerate(layout["seq_dims"]):
             key = f"t/{tap}" if layout["kind"] == "tensor" else f"t/{tap}/{i}"
             if layout.get("top_k"):
                 # The class dim is never a sequence dim: values/indices [.., k] and the mass [..] keep the others.
-                rows = reconstruct_logits(*(self._gather(f"{key}/{part}", index, dims, length) for part in LOGITS_KEYS),
-                                          layout["num_classes"])
+                rows = SparseLogits(*(self._gather(f"{key}/{part}", index, dims, length) for part in LOGITS_KEYS),
+                                    layout["num_classes"])
             else:
                 rows = self._gather(key, index, dims, length).float()
             values.append(rows)
@@ -1186,7 +1211,8 @@ class TeacherCache(Teacher):
         return int(inputs[main_input_name(inputs)].shape[1])
 
     def features(self, batch: dict) -> dict[str, Any]:
-        """The stored teacher values of the batch's examples for the taps in use, fp32, on the batch's device."""
+        """The stored teacher values of the batch's examples for the taps in use, fp32, on the batch's device
+        (a top-k logits tap as :class:`SparseLogits`)."""
         index = self._index(batch)
         if self._checked < self.check_batches:
             self._check_inputs(batch)
@@ -1196,13 +1222,14 @@ class TeacherCache(Teacher):
         return {tap: _to(self._value(tap, index, length), device) for tap in self.active_taps}
 
     def read(self, batch: dict, taps: Iterable[str]) -> dict[str, Any]:
-        """The stored values of ``taps`` for the batch's examples (a tap the cache lacks is refused)."""
+        """The stored values of ``taps`` for the batch's examples as full fp32 tensors (a tap the cache lacks is
+        refused)."""
         taps = list(taps)
         self.check_taps(taps)
         index = self._index(batch)
         device = self.device if self.device is not None else batch["index"].device
         length = self._sequence_length(batch)
-        return {tap: _to(self._value(tap, index, length), device) for tap in taps}
+        return {tap: sparse_as_dense(_to(self._value(tap, index, length), device)) for tap in taps}
 
     def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"logits": self.logits(batch)}
@@ -1259,8 +1286,11 @@ def load_cached_teacher(recipe: Any, raw: Any, student: Any, task: str, load_mod
     id2label = identity.get("id2label")
     from .models import _real_labels
 
+    info = get_task(task)
+    # A language model's logits are over its vocabulary, not over the data's classes (it has none).
+    num_labels = raw.num_labels if info.targets == "tokens" else (cache.num_labels or raw.num_labels)
     loaded = LoadedModel(model=cache, role="teacher", name=f"{cache.name} (cache {Path(spec.cache).name})",
-                         num_labels=cache.num_labels or raw.num_labels,
+                         num_labels=num_labels,
                          id2label=_real_labels({int(k): v for k, v in id2label.items()}) if id2label else None)
     if prep.get("image"):
         image = prep["image"]
@@ -1272,7 +1302,6 @@ def load_cached_teacher(recipe: Any, raw: Any, student: Any, task: str, load_mod
         from transformers import AutoTokenizer
 
         loaded.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    info = get_task(task)
     if info.inputs == "image" and loaded.image_config is None:
         raise RecipeError("teacher.cache", f"the teacher cache at {spec.cache} records no image preprocessing; build it "
                           "with `hfdistill cache`")
@@ -1354,9 +1383,19 @@ def cache_usage(folder: str, recipe_path: str) -> str:
     manifest = read_manifest(folder)
     size = sum(e["bytes"] for e in manifest["shards"])
     taps = ", ".join(manifest["taps"])
-    return "\n".join([
+    sizes = manifest.get("size", {})
+    lines = [
         f"teacher cache: {folder} ({manifest['data']['num_examples']} examples of {manifest['teacher']['name']}; "
         f"taps {taps}; {len(manifest['shards'])} shard(s), {size / 1e6:.1f} MB)",
+    ]
+    if sizes.get("tokens"):
+        lines.append(f"  {sizes['tokens']} tokens, {sizes['bytes_per_token']:.0f} bytes per token")
+    if sizes.get("rest_mass"):
+        rest = sizes["rest_mass"]
+        lines.append(f"  logits top-{manifest['logits_top_k']}: the other classes hold {rest['mean']:.2%} of the "
+                     f"teacher's probability on average (median {rest['median']:.2%}, max {rest['max']:.2%}); "
+                     "raise --logits_top_k if that is large")
+    return "\n".join(lines + [
         "Train with it: in the recipe, replace the teacher by",
         f"  teacher: {{cache: {folder}}}",
         f"or: hfdistill train {recipe_path} --teacher '{{cache: {folder}}}'",

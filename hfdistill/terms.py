@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from . import losses as loss_registry
 from .adapters import build_adapter, suggest_adapter
 from .errors import DistillationError
+from .losses.common import SparseLogits, sparse_as_dense
 from .recipe import TermSpec, term_name
 from .taps import ModelTaps, resolve_module, use_eager_attention_if_needed
 from .outputs import DISTILL_STATE_NAME, default_file_mode
@@ -190,6 +191,12 @@ class Term:
         taps reach it in the models' dtype, never as whole fp32 copies."""
         return bool(getattr(loss_registry.get_info(self.spec.loss).cls, "accepts_half_inputs", False))
 
+    @property
+    def accepts_sparse_logits(self) -> bool:
+        """The loss reads a cached teacher's top-k logits (:class:`SparseLogits`) as they are; every other
+        loss gets them as full logits."""
+        return bool(getattr(loss_registry.get_info(self.spec.loss).cls, "accepts_sparse_logits", False))
+
 
 def _taps_of(value: str | list[str] | None, default: str | None) -> tuple[list[str], bool]:
     if value is None:
@@ -214,7 +221,7 @@ def resolve_terms(specs: list[TermSpec]) -> list[Term]:
 
 
 def shape_of(value: Any) -> torch.Size | list:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, SparseLogits)):
         return value.shape
     if isinstance(value, (list, tuple)):
         return [shape_of(v) for v in value]
@@ -323,6 +330,8 @@ class DistillationModel(nn.Module):
         cast = (lambda value: value) if as_given else to_float
         student_values = [cast(student_features[t]) for t in term.student_taps]
         teacher_values = [cast(teacher_features.get(t)) for t in term.teacher_taps]
+        if not term.accepts_sparse_logits:
+            teacher_values = [sparse_as_dense(v) for v in teacher_values]
         if term.name in self.adapters:
             student_values = [adapter(v) for adapter, v in zip(self.adapters[term.name], student_values)]
         if term.is_list:

@@ -1,4 +1,5 @@
-"""Small helpers shared by the loss families: parameter checks, safe KL, channel counts, position pooling.
+"""Small helpers shared by the loss families: parameter checks, safe KL, channel counts, position pooling, and
+:class:`SparseLogits` (a teacher's top-k logits as a cache stores them).
 
 Parameter checks raise :class:`hfdistill.errors.LossParamError` (``param`` names the parameter, the
 message says what it must be and what it got); the recipe validator turns that into a recipe error at
@@ -8,6 +9,7 @@ message says what it must be and what it got); the recipe validator turns that i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -142,3 +144,110 @@ def pool_to_smaller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
         )
     size = tuple(min(p, q) for p, q in zip(positions(a), positions(b)))
     return pool_to(a, size), pool_to(b, size)
+
+
+# =============================================================================================== sparse logits
+@dataclass(frozen=True)
+class SparseLogits:
+    """A teacher's logits as a top-k: the k largest logits of each row, their classes and the rest's mass.
+
+    ``values`` [..., k] (the raw logits z_i of the kept classes), ``indices`` [..., k] (their classes),
+    ``rest_logmass`` [...] (``log m``, m = the softmax mass at temperature 1 of the ``num_classes - k`` other
+    classes). This is what a teacher cache built with ``logits_top_k`` stores (for a language model: per token
+    position). Losses that declare ``accepts_sparse_logits`` read it as it is (the token losses: exact on the
+    kept classes, the other classes as one bucket); every other loss gets :meth:`dense` full logits.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    rest_logmass: torch.Tensor
+    num_classes: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the full logits this stands for: [..., num_classes]."""
+        return torch.Size((*self.values.shape[:-1], self.num_classes))
+
+    @property
+    def k(self) -> int:
+        return int(self.values.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    requires_grad = False  # stored teacher outputs: never differentiated
+
+    def dim(self) -> int:
+        return self.values.dim()
+
+    def to(self, device: torch.device | str) -> "SparseLogits":
+        return SparseLogits(self.values.to(device), self.indices.to(device), self.rest_logmass.to(device),
+                            self.num_classes)
+
+    def flat_rows(self, rows: torch.Tensor) -> "SparseLogits":
+        """Rows ``rows`` of the flattened leading dims, in fp32/int64: values [n, k], indices [n, k], mass [n]."""
+        k = self.k
+        return SparseLogits(self.values.reshape(-1, k).index_select(0, rows).float(),
+                            self.indices.reshape(-1, k).index_select(0, rows).long(),
+                            self.rest_logmass.reshape(-1).index_select(0, rows).float(), self.num_classes)
+
+    def log_normaliser(self) -> torch.Tensor:
+        """``logsumexp`` of the full logits at temperature 1 [...], recovered from the kept part and the rest's
+        mass: ``lse = logsumexp(z_kept) - log(1 - m)``."""
+        return torch.logsumexp(self.values.float(), -1) - torch.log(-torch.expm1(self.rest_logmass.float()))
+
+    def fill_value(self) -> torch.Tensor:
+        """The logit each other class gets when the rest's mass is spread evenly over them [...]:
+        ``f = lse + log m - log(C - k)``, so that ``sum_kept e^z_i + (C - k) e^f = e^lse``."""
+        return self.log_normaliser() + self.rest_logmass.float() - math.log(self.num_classes - self.k)
+
+    def dense(self) -> torch.Tensor:
+        """Full fp32 logits [..., num_classes]: the kept classes keep their logits, every other class gets
+        :meth:`fill_value`, so the softmax at temperature 1 is exact on the kept classes. Since the kept
+        classes are the k largest, ``m / (C - k) <= p_k``: the filled value never outranks a kept one."""
+        values = self.values.float()
+        if self.k >= self.num_classes:
+            out = torch.empty(*values.shape[:-1], self.num_classes, dtype=torch.float32, device=values.device)
+            return out.scatter_(-1, self.indices.long(), values)
+        fill = self.fill_value()
+        out = fill.unsqueeze(-1).expand(*values.shape[:-1], self.num_classes).clone()
+        return out.scatter_(-1, self.indices.long(), values)
+
+    def bucket_logits(self, temperature: float = 1.0) -> torch.Tensor:
+        """[..., k + 1]: the kept classes' logits and one bucket for all the others, divided by ``temperature``:
+        ``log_softmax`` of it is the teacher's distribution over the kept classes and "any other class".
+
+        Exact at temperature 1 (kept: ``log p_i``; bucket: ``log m``). At another temperature the other
+        classes' own logits are unknown; they are taken as all equal to :meth:`fill_value` (the only thing the
+        top-k keeps about them), so the bucket's logit is ``f / T + log(C - k)``.
+        """
+        values = self.values.float() / temperature
+        if self.k >= self.num_classes:
+            return values
+        if temperature == 1.0:
+            tail = self.log_normaliser() + self.rest_logmass.float()
+        else:
+            tail = self.fill_value() / temperature + math.log(self.num_classes - self.k)
+        return torch.cat([values, tail.unsqueeze(-1)], -1)
+
+    def student_bucket_logits(self, student: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """The student's logits [..., C] (fp32) on the same buckets [..., k + 1]: its logits of the teacher's
+        kept classes and ``logsumexp`` of all its other logits, divided by ``temperature`` (exact: the
+        ``log_softmax`` of the result is the student's mass on each kept class and on all the others)."""
+        z = student / temperature if temperature != 1.0 else student
+        index = self.indices.long()
+        kept = z.gather(-1, index)
+        if self.k >= self.num_classes:
+            return kept
+        tail = torch.logsumexp(z.scatter(-1, index, float("-inf")), -1)
+        return torch.cat([kept, tail.unsqueeze(-1)], -1)
+
+
+def sparse_as_dense(value: Any) -> Any:
+    """:class:`SparseLogits` (and lists holding them) as full logits; everything else unchanged."""
+    if isinstance(value, SparseLogits):
+        return value.dense()
+    if isinstance(value, (list, tuple)):
+        return [sparse_as_dense(v) for v in value]
+    return value

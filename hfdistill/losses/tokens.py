@@ -44,6 +44,22 @@ Other vocabularies
     completion token of each side and reads the teacher's labels from the optional ``teacher_labels`` argument
     (falling back to ``labels``). The other losses need one shared vocabulary and tokenisation (equal shapes).
 
+Cached top-k teachers (``accepts_sparse_logits = True`` on every same-vocabulary loss here)
+    A teacher cache built with ``logits_top_k: k`` keeps, per token position, the teacher's k largest logits and
+    the log of the probability mass m of all other tokens (:class:`~hfdistill.losses.common.SparseLogits`; about
+    8 k + 4 bytes per token). The losses read it without rebuilding vocabulary-size teacher logits: both
+    distributions are taken over k + 1 outcomes, the teacher's k kept tokens and one bucket "any other token"
+    (teacher: p_1..p_k and m; student: its own q_1..q_k on the same tokens and 1 - sum q_i, from its full
+    logits), and the divergence is computed between those. At temperature 1 this is exact on the kept tokens:
+    every kept token's term is the one of the full loss, and the tail is one term instead of V - k. For KL,
+    JSD, TVD and the skew KLs (all f-divergences) merging outcomes can only lower the value (data-processing
+    inequality), so the cached loss is a lower bound of the full one that is tight when the teacher's tail is
+    small or the student's tail has the same shape as the teacher's; gradients push the student's mass on each
+    kept token and on the tail as a whole, never how it spreads its tail. At another temperature the teacher's
+    tail logits are unknown; they are taken as all equal (the value that spreads m evenly), which makes the
+    kept tokens' probabilities an approximation too: prefer T = 1 with a cache. Choose k so that m is small
+    (k = 64 holds most of the mass of a trained LM's next-token distribution; the cache reports it).
+
 Masked vocabulary entries (logit -inf, in both models) have probability 0 and contribute 0 (0 log 0 = 0), with
 finite gradients; the value equals the loss computed without those entries.
 """
@@ -58,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DistillationError, LossParamError
-from .common import check_number
+from .common import SparseLogits, check_number
 from .registry import register_loss
 
 IGNORE_INDEX = -100  # Hugging Face's label for positions that carry no target (prompt, padding)
@@ -104,12 +120,12 @@ def _normaliser(num_items_in_batch, counted: int, device: torch.device):
     return float(max(num_items_in_batch, 1))
 
 
-def _check_logits(loss: str, student: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor,
-                  same_vocab: bool = True) -> None:
+def _check_logits(loss: str, student: torch.Tensor, teacher: torch.Tensor | SparseLogits | None,
+                  labels: torch.Tensor, same_vocab: bool = True) -> None:
     if teacher is None:
         raise DistillationError(f"{loss}: needs the teacher's logits; give the recipe a teacher model")
     for who, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        if not isinstance(x, (torch.Tensor, SparseLogits)) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise DistillationError(
                 f"{loss}: expects the {who}'s causal-LM logits of shape [B, T, V] (the `logits` tap), got {shape}"
@@ -138,17 +154,17 @@ class _ChunkedRowLoss(torch.autograd.Function):
     extra memory: one chunk's fp32 temporaries plus the gradient of the inputs themselves.
 
     The teacher's input is kept without ``save_for_backward`` when it does not require grad, so the teacher's
-    inference-mode tensors can be passed without a copy.
+    inference-mode tensors can be passed without a copy. It may be a :class:`SparseLogits` (a cached top-k,
+    never differentiated): its rows are gathered the same way and ``row_loss`` receives them as one.
     """
 
     @staticmethod
     def forward(ctx, student, teacher, s_rows, t_rows, row_loss: RowLoss, chunk_size: int):
         s2 = student.reshape(-1, student.shape[-1])  # [B*T, Vs], a view for contiguous logits
-        t2 = teacher.reshape(-1, teacher.shape[-1])  # [B*T', Vt]
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for start in range(0, s_rows.numel(), chunk_size):
             rs, rt = s_rows[start:start + chunk_size], t_rows[start:start + chunk_size]
-            total += row_loss(s2.index_select(0, rs).float(), t2.index_select(0, rt).float()).sum()
+            total += row_loss(s2.index_select(0, rs).float(), _teacher_rows(teacher, rt)).sum()
         ctx.row_loss, ctx.chunk_size = row_loss, chunk_size
         if teacher.requires_grad:
             ctx.save_for_backward(student, teacher, s_rows, t_rows)
@@ -166,14 +182,15 @@ class _ChunkedRowLoss(torch.autograd.Function):
             student, teacher, s_rows, t_rows = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         s2 = student.reshape(-1, student.shape[-1])
-        t2 = teacher.reshape(-1, teacher.shape[-1])
+        t2 = teacher.reshape(-1, teacher.shape[-1]) if need_t else None  # a SparseLogits teacher never needs one
         grad_s = torch.zeros(s2.shape, dtype=student.dtype, device=student.device) if need_s else None
         grad_t = torch.zeros(t2.shape, dtype=teacher.dtype, device=teacher.device) if need_t else None
         for start in range(0, s_rows.numel(), ctx.chunk_size):
             rs, rt = s_rows[start:start + ctx.chunk_size], t_rows[start:start + ctx.chunk_size]
             with torch.enable_grad():
                 s = s2.index_select(0, rs).detach().float().requires_grad_(need_s)
-                t = t2.index_select(0, rt).detach().float().requires_grad_(need_t)
+                t = (t2.index_select(0, rt).detach().float().requires_grad_(True) if need_t
+                     else _teacher_rows(teacher, rt))
                 inputs = [x for x, need in ((s, need_s), (t, need_t)) if need]
                 grads = iter(torch.autograd.grad(ctx.row_loss(s, t).sum() * grad_total, inputs))
             if need_s:
@@ -185,8 +202,15 @@ class _ChunkedRowLoss(torch.autograd.Function):
         return grad_s, grad_t, None, None, None, None
 
 
-def chunked_row_loss(student: torch.Tensor, teacher: torch.Tensor, s_rows: torch.Tensor, t_rows: torch.Tensor,
-                     row_loss: RowLoss, chunk_size: int | None = None) -> torch.Tensor:
+def _teacher_rows(teacher: torch.Tensor | SparseLogits, rows: torch.Tensor) -> torch.Tensor | SparseLogits:
+    """Rows ``rows`` of the teacher's flattened logits: fp32 [n, Vt], or a :class:`SparseLogits` of n rows."""
+    if isinstance(teacher, SparseLogits):
+        return teacher.flat_rows(rows)
+    return teacher.reshape(-1, teacher.shape[-1]).index_select(0, rows).float()
+
+
+def chunked_row_loss(student: torch.Tensor, teacher: torch.Tensor | SparseLogits, s_rows: torch.Tensor,
+                     t_rows: torch.Tensor, row_loss: RowLoss, chunk_size: int | None = None) -> torch.Tensor:
     """``sum_i row_loss(student.flat[s_rows[i]].float(), teacher.flat[t_rows[i]].float())`` (fp32 scalar).
 
     ``student`` [..., Vs] and ``teacher`` [..., Vt] are flattened to rows; ``s_rows`` / ``t_rows`` [N] pair
@@ -294,6 +318,7 @@ class _TokenLoss(nn.Module):
 
     normalised_by_items = True  # already divided by the step's token count (module docstring)
     accepts_half_inputs = True  # casts chunk by chunk: pass the logits in the models' dtype
+    accepts_sparse_logits = True  # a cached top-k teacher is read as it is (module docstring)
 
     def __init__(self, temperature: float = 1.0, chunk_size: int | None = None):
         super().__init__()
@@ -303,8 +328,11 @@ class _TokenLoss(nn.Module):
     def divergence(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def row_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Per-token loss from fp32 logits rows: ``divergence(s / T, t / T)`` -> [n]."""
+    def row_loss(self, s: torch.Tensor, t: torch.Tensor | SparseLogits) -> torch.Tensor:
+        """Per-token loss from fp32 logits rows: ``divergence(s / T, t / T)`` -> [n]; for a top-k teacher, the
+        same divergence between the two distributions over the teacher's kept tokens plus one "other" bucket."""
+        if isinstance(t, SparseLogits):
+            return self.divergence(t.student_bucket_logits(s, self.temperature), t.bucket_logits(self.temperature))
         if self.temperature != 1.0:
             s, t = s / self.temperature, t / self.temperature
         return self.divergence(s, t)
