@@ -74,6 +74,22 @@ class DistillationConfig(TrainingArguments):
         default=2,
         metadata={"help": "Training examples in the dry-run forward that sizes adapters and checks taps."},
     )
+    lmbda: float = field(
+        default=0.0,
+        metadata={"help": "Language models (GKD's lambda, on-policy distillation): the fraction of training batches "
+                  "whose completions the student samples itself from the batch's prompts; the teacher scores them "
+                  "through the token losses and the student's own loss learns them. 0: off (the data's completions "
+                  "only); 1: every batch on-policy. Needs a live teacher (not a cache)."},
+    )
+    on_policy_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature of the student's on-policy completions (`lmbda`)."},
+    )
+    on_policy_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Longest on-policy completion in tokens (`lmbda`); default: the longest completion of the "
+                  "batch it replaces, so on-policy batches are as long as the data's."},
+    )
 
     def __post_init__(self):
         if on_cpu_only() and not self.use_cpu:
@@ -110,3 +126,11 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"DistillationConfig.nonfinite must be one of {', '.join(NONFINITE_ACTIONS)}, got {self.nonfinite!r}")
         if self.dry_run_examples < 1:
             raise ValueError(f"DistillationConfig.dry_run_examples must be >= 1, got {self.dry_run_examples}")
+        if not 0 <= self.lmbda <= 1:
+            raise ValueError(f"DistillationConfig.lmbda is a fraction of batches, in [0, 1]; got {self.lmbda}")
+        if self.on_policy_temperature <= 0:
+            raise ValueError(f"DistillationConfig.on_policy_temperature must be > 0, got {self.on_policy_temperature}")
+        if self.on_policy_max_new_tokens is not None and self.on_policy_max_new_tokens < 1:
+            raise ValueError(
+                f"DistillationConfig.on_policy_max_new_tokens must be >= 1 or None, got {self.on_policy_max_new_tokens}"
+            )

@@ -310,9 +310,18 @@ def _stage_runs(recipe: Recipe, output_dir: str, extra: Mapping[str, Any] | None
     return runs
 
 
+# Training arguments that only a distillation reads: a plain run (the teacher's training, a baseline) drops them.
+ON_POLICY_FIELDS = ("lmbda", "on_policy_temperature", "on_policy_max_new_tokens")
+
+
+def _plain(training: Mapping[str, Any]) -> dict:
+    """Training arguments for a run without a teacher: without the ones only a distillation reads."""
+    return {k: v for k, v in training.items() if k not in ON_POLICY_FIELDS}
+
+
 def _plain_job_runs(training: Mapping[str, Any], output_dir: str, extra: Mapping[str, Any] | None = None) -> list[StageRun]:
-    """A job without distillation terms (the teacher's training, a baseline): one plain run."""
-    return [StageRun(None, 0, output_dir, _training(training, output_dir, extra, publish=False), True)]
+    """A job without distillation terms (a baseline): one plain run."""
+    return [StageRun(None, 0, output_dir, _training(_plain(training), output_dir, extra, publish=False), True)]
 
 
 def _default_output_dir(recipe_path: str | None) -> str:
@@ -369,7 +378,7 @@ def plan_run(recipe: Recipe, recipe_path: str | None = None, dataset: Any = None
             teacher = load_model(spec.train_from, "student", task.name, raw.num_labels, id2label,
                                  image_size=spec.image_size or data_size)
             teacher.role = "teacher"
-            training = _training(recipe.training, teacher_folder, spec.train_args, publish=False)
+            training = _training(_plain(recipe.training), teacher_folder, spec.train_args, publish=False)
             make_args(training, "teacher.train_args")
             data = build_task_data(raw, task.name, teacher, None, recipe.data.augment, recipe.data.max_length)
             jobs.append(Job("teacher", teacher_folder, data, loaded=teacher,
@@ -388,6 +397,7 @@ def plan_run(recipe: Recipe, recipe_path: str | None = None, dataset: Any = None
     data = build_task_data(raw, task.name, student, teacher, recipe.data.augment, recipe.data.max_length)
     if task.targets == "tokens" and teacher is not None and not getattr(teacher.model, "is_cache", False):
         _check_vocabularies(recipe, student, teacher)
+    _check_on_policy(recipe, task, teacher)
     comparing = recipe.student.baseline and teacher is not None
     if comparing:
         # Extra seeds first (their folders end in -seed<N>), then the first seed's baseline and student.
@@ -408,6 +418,30 @@ def plan_run(recipe: Recipe, recipe_path: str | None = None, dataset: Any = None
     jobs.append(Job(label, output_dir, data, loaded=student, teacher=teacher, recipe=recipe,
                     stages=_stage_runs(recipe, output_dir), comparison="distilled" if comparing else None, seed=seed))
     return Plan(recipe, task, output_dir, jobs, raw.label_names, teacher, teacher_folder)
+
+
+def _check_on_policy(recipe: Recipe, task: Any, teacher: Any) -> None:
+    """``training.lmbda`` (on-policy batches, :mod:`hfdistill.on_policy`) where the student can sample prompts'
+    completions and a live teacher can score them; refused before anything loads further or trains."""
+    for k, stage in enumerate(recipe.stage_list()):
+        training = recipe.stage_training(stage)
+        if not training.get("lmbda"):
+            continue
+        where = f"stages[{k}].training.lmbda" if recipe.stages and "lmbda" in (stage.training or {}) else "training.lmbda"
+        if task.targets != "tokens":
+            raise RecipeError(where, f"on-policy batches are sampled by a language model (task: text-generation), "
+                              f"not for {task.name}; remove it")
+        if teacher is None or getattr(teacher.model, "is_cache", False):
+            raise RecipeError(where, "on-policy batches need the live teacher to score the student's samples"
+                              + (" (a teacher cache holds its outputs on the data's sequences only)" if teacher else "")
+                              + "; give `teacher: {name: ...}` or remove lmbda")
+        if recipe.data.packing:
+            raise RecipeError(where, "on-policy batches are sampled from each example's prompt, which packed blocks "
+                              "(data.packing) do not keep; set data.packing to false or remove lmbda")
+        if not stage.terms:
+            raise RecipeError(where, "on-policy batches train through the distillation terms (the student's own loss "
+                              "is not applied to its samples), and this stage has none; add a token loss such as "
+                              "`jsd` or `reverse_kl`")
 
 
 def _vocabulary(loaded: Any) -> int | None:

@@ -27,6 +27,7 @@ from transformers.trainer_pt_utils import nested_concat
 from transformers.trainer_utils import EvalPrediction, PREFIX_CHECKPOINT_DIR
 
 from . import losses as loss_registry
+from . import on_policy
 from .config import DistillationConfig
 from .errors import DistillationError, TrainingDivergedError
 from .data import ArrowBatchReader
@@ -155,6 +156,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         self._nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient (nonfinite: skip)
         self._step_parts: list[dict[str, torch.Tensor]] = []  # this optimiser step's weighted parts, checked once
         self._teacher_eval_metrics: dict[str, dict[str, float]] = {}
+        self._on_policy_counts = [0, 0]  # micro-batches sampled by the student, and all, since the last log
 
         teacher_taps = [t for term in distill.terms for t in term.teacher_taps]
         if teacher is None or isinstance(teacher, Teacher):
@@ -179,6 +181,9 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         if self._teacher_is_cache:
             self.frozen_teacher.prepare(distill.terms, self.train_dataset, teacher_inputs,
                                         self._student_input_names - set(self.label_names))
+        if self.args.lmbda > 0:
+            on_policy.check_student(student, self.is_fsdp_enabled or self.is_deepspeed_enabled, self._teacher_is_cache,
+                                    bool(distill.terms))
         self._needs_index = "index" in self._loss_field_names or self._teacher_is_cache
         if self._needs_index:
             # Losses with per-example state (CRD's memory bank) read each example's dataset index.
@@ -293,6 +298,26 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             self._signature_columns = sorted(columns)
 
     # ------------------------------------------------------------------ the loss
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The optimisation step's micro-batches, with a fraction ``lmbda`` of them sampled by the student
+        (:mod:`hfdistill.on_policy`); the step's token count is then counted over the batches it trains on."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.lmbda <= 0 or not batches:
+            return batches, num_items_in_batch
+        replaced = False
+        for i, batch in enumerate(batches):
+            self._on_policy_counts[1] += 1
+            if not on_policy.draw(self.args.seed, self.state.global_step, i, self.args.process_index, self.args.lmbda):
+                continue
+            sampled = on_policy.sample_batch(self.student, batch, temperature=self.args.on_policy_temperature,
+                                             max_new_tokens=self.args.on_policy_max_new_tokens)
+            if sampled is not None:
+                batches[i], replaced = sampled, True
+                self._on_policy_counts[0] += 1
+        if replaced:
+            num_items_in_batch = self._get_num_items_in_batch(batches, device)
+        return batches, num_items_in_batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student_inputs = self._student_inputs(inputs)
         if model.training and "task" in self._items_parts and num_items_in_batch is not None:
@@ -306,12 +331,14 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
                 loss = self._step_loss(parts, num_items_in_batch) if parts else loss * 0
             return (loss, outputs) if return_outputs else loss
 
-        if distill.task_weight == 0:
+        # The student's samples (on-policy batches) train on the terms only: no task loss on its own tokens.
+        with_task = distill.task_weight > 0 and not inputs.get(on_policy.SAMPLED_FIELD, False)
+        if not with_task:
             student_inputs = {k: v for k, v in student_inputs.items() if k not in self.label_names}
         teacher_features = self.frozen_teacher.features(inputs) if self.frozen_teacher is not None else {}
         fields = loss_fields(self._loss_field_names, inputs, self.state, num_items_in_batch)
         outputs, term_losses = model(teacher_features=teacher_features, loss_fields=fields, **student_inputs)
-        task_loss = self._task_loss(outputs, inputs) if distill.task_weight > 0 else None
+        task_loss = self._task_loss(outputs, inputs) if with_task else None
         loss = self._step_loss(distill.weigh(task_loss, term_losses), num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
@@ -441,6 +468,9 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._nonfinite_steps:
             logs["nonfinite_steps"] = self._nonfinite_steps
+        if "loss" in logs and self._on_policy_counts[1]:
+            logs["on_policy_fraction"] = round(self._on_policy_counts[0] / self._on_policy_counts[1], 4)
+            self._on_policy_counts = [0, 0]
         if "loss" in logs and self._term_count:
             names = list(self._term_sums)
             means = torch.stack([self._term_sums[n] for n in names]) / self._term_count
