@@ -276,6 +276,15 @@ def _training(base: Mapping[str, Any], output_dir: str, extra: Mapping[str, Any]
     return training
 
 
+def _lower_is_better() -> frozenset[str]:
+    from .tasks import TASKS
+
+    return frozenset(task.metric for task in TASKS.values() if not task.greater_is_better)
+
+
+LOWER_IS_BETTER = _lower_is_better()  # headline metrics of the tasks table where lower is better (perplexity)
+
+
 def make_args(training: Mapping[str, Any], where: str = "training"):
     """A DistillationConfig from training arguments; a RecipeError at ``where`` when they do not fit."""
     import torch
@@ -284,6 +293,9 @@ def make_args(training: Mapping[str, Any], where: str = "training"):
 
     # No logging integrations unless asked for; pinned memory only helps with an accelerator.
     values = {"report_to": "none", "dataloader_pin_memory": torch.cuda.is_available(), **training}
+    metric = str(values.get("metric_for_best_model") or "").removeprefix("eval_")
+    if metric and "greater_is_better" not in values and metric in LOWER_IS_BETTER:
+        values["greater_is_better"] = False  # transformers assumes higher is better for all but `*loss`
     # Our transforms read the raw image/text columns, which the Trainer would otherwise drop.
     values["remove_unused_columns"] = False
     try:

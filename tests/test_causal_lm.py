@@ -423,3 +423,15 @@ def test_different_vocabularies_are_refused_before_training_unless_uld(tmp_path)
     spec["terms"] = [{"loss": "uld", "weight": 0.5}]
     plan = plan_run(Recipe.from_dict(spec))  # ULD pairs any two vocabularies
     assert plan.final.recipe.terms[0].loss == "uld"
+
+
+def test_best_model_by_perplexity_keeps_the_lowest():
+    """transformers takes every metric but `*loss` as higher-is-better; a recipe that selects the best checkpoint
+    by perplexity gets greater_is_better false unless it says otherwise."""
+    from hfdistill.run import make_args
+
+    best = dict(output_dir="unused", eval_strategy="steps", save_strategy="steps", load_best_model_at_end=True)
+    assert make_args({**best, "metric_for_best_model": "perplexity"}).greater_is_better is False
+    assert make_args({**best, "metric_for_best_model": "eval_perplexity"}).greater_is_better is False
+    assert make_args({**best, "metric_for_best_model": "perplexity", "greater_is_better": True}).greater_is_better
+    assert make_args({**best, "metric_for_best_model": "accuracy"}).greater_is_better
