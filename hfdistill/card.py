@@ -297,6 +297,7 @@ def build_model_card(
     training_hyperparameters: Mapping[str, Any] | None = None,
     peers: list[Mapping[str, Any]] | None = None,
     peer_of: str | None = None,
+    chat: bool = False,
     baseline_metrics: Mapping[str, float] | None = None,
     comparison: Mapping[str, Any] | None = None,
     plots: list[Mapping[str, Any]] | None = None,
@@ -327,6 +328,8 @@ def build_model_card(
             "metrics"}`` (``folder`` relative to this folder's parent; ``metrics`` as ``student_metrics``):
             a column of the results table each, and a section saying where they are.
         peer_of: for a peer's own card, the name of the student it was trained with.
+        chat: a text-generation student whose tokenizer has a chat template: the usage snippet also shows a
+            conversation passed to the pipeline.
         baseline_metrics: the evaluation metrics of the same student trained alone, without the teacher
             (``student.baseline``; the published student's seed), as ``student_metrics``: a column of the
             results table labelled as the baseline. Never in the model-index.
@@ -403,6 +406,10 @@ def build_model_card(
 
     snippet_input = EXAMPLE_INPUT.get(pipeline_tag or "", '"..."')
     variable = "classifier" if pipeline_tag and "classification" in pipeline_tag else "pipe"
+    snippet = f'{variable} = pipeline("{pipeline_tag}", model="{model_id}")\n{variable}({snippet_input})'
+    if chat and pipeline_tag == "text-generation":  # its tokenizer has a chat template: a conversation works too
+        snippet += (f'\n{variable}([{{"role": "user", "content": "What is your favorite food?"}}], max_new_tokens=40)'
+                    '[0]["generated_text"][-1]  # the assistant\'s reply')
     template_values = {
         "model_id": model_id,
         "teacher_id": teacher_id,
@@ -424,7 +431,7 @@ def build_model_card(
         "result_plots": [p for p in plot_list if p.get("kind") != "losses"],
         "plots_note": plots_note,
         "pipeline_tag": pipeline_tag,
-        "pipeline_snippet": f'{variable} = pipeline("{pipeline_tag}", model="{model_id}")\n{variable}({snippet_input})',
+        "pipeline_snippet": snippet,
         "library_name": library_name,
         "label_names": list(label_names) if label_names else None,
         "command": command or _default_command(recipe_data),

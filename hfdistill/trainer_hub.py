@@ -159,6 +159,8 @@ class HubTrainerMixin:
             "task_weight": self.task_weight,
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         }
+        if getattr(args, "lmbda", 0):  # on-policy batches (GKD)
+            hyper.update(lmbda=args.lmbda, on_policy_temperature=args.on_policy_temperature)
         return {
             "model_id": self.hub_model_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
             "recipe": recipe,
@@ -178,6 +180,8 @@ class HubTrainerMixin:
             "student_size_bytes": size_on_disk(student, self.args.output_dir),
             "teacher_size_bytes": teacher_bytes,
             "training_hyperparameters": hyper,
+            # A tokenizer with a chat template: the card shows the chat call of the text-generation pipeline too.
+            "chat": bool(getattr(self.processing_class, "chat_template", None)),
         }
 
     def push_to_hub(

@@ -372,6 +372,7 @@ def test_run_distils_a_causal_lm_whose_student_generates_in_a_fresh_process(tmp_
     assert yaml.safe_load((student / "distill_recipe.yaml").read_text())["task"] == "text-generation"
     card = (student / "README.md").read_text()
     assert "chat training data is" in card and "learnt tokens" in card and "perplexity" in card
+    assert '([{"role": "user", "content": "What is your favorite food?"}], max_new_tokens=40)' in card  # chat snippet
     assert "huggingface.co/GPT2LMHeadModel" not in card and "`GPT2LMHeadModel`" in card  # built from a config
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", GENERATE, str(student)], capture_output=True, text=True, env=env,
