@@ -64,8 +64,10 @@ writes the manifest once all shards exist, waiting for them up to ``wait_timeout
 **Reading.** :class:`TeacherCache` implements the :class:`~hfdistill.teacher.Teacher` interface
 (``features(batch)``, ``outputs``, ``logits``, ``attach``/``remove``, ``taps``, ``model`` = None): it
 gathers rows by ``batch["index"]`` (the trainer adds the index to every training batch when the teacher
-is a cache) and returns fp32 tensors on the batch's device. The shards are held in CPU memory (the
-cache's size on disk). Opening a cache verifies the manifest (format and hfdistill major version) and
+is a cache) and returns fp32 tensors on the batch's device. The shards are mapped into memory
+(:func:`map_safetensors`): a batch reads only the pages of its rows, so a cache larger than the machine's
+memory works, and the processes of a multi-process run share one copy in the page cache
+(``memory_map=False`` loads them whole). Opening a cache verifies the manifest (format and hfdistill major version) and
 every shard (present, sha256 as listed: one read of every file); a trainer then refuses terms
 that read taps the cache lacks, methods that must call the teacher on new inputs (a loss class with
 ``needs_live_teacher = True``: BSS, Sobolev, LwM, SSKD), and a dataset of another length. On the first
@@ -327,6 +329,40 @@ def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of the file mapped into memory (nothing is read up front).
+
+    The format is an 8-byte little-endian header length, a JSON header (each tensor's dtype, shape and byte
+    range) and the raw little-endian bytes. The mapping is copy-on-write (the tensors are writable, the file
+    never changes); indexing rows reads only their pages.
+    """
+    import mmap
+
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    start = 8 + header_len
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise DistillationError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which a teacher cache never stores")
+        first, last = entry["data_offsets"]
+        count = (last - first) // dtype.itemsize
+        flat = (torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + first) if count
+                else torch.empty(0, dtype=dtype))
+        out[name] = flat.view(entry["shape"])
+    return out
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -946,6 +982,9 @@ class TeacherCache(Teacher):
         check_batches: how many ``features`` calls compare their inputs with the stored checksums.
         teacher: optionally the teacher model: refused when its weights are not the cached teacher's.
         verify: ``sha256`` (every shard's hash, read once) or ``size`` (file sizes only, for huge caches).
+        memory_map: map the shards into memory (:func:`map_safetensors`, the default): a batch reads only its
+            rows' pages, a cache larger than the memory works, and the processes of a multi-process run share
+            one copy in the page cache. False loads every shard whole.
     """
 
     is_cache = True
@@ -953,7 +992,7 @@ class TeacherCache(Teacher):
     def __init__(self, path: str | os.PathLike, device: str | torch.device | None = None, *,
                  inputs_fn: Callable[[dict], dict] | None = None, shared_input_names: Iterable[str] = (),
                  augmented: bool = False, check_batches: int = 16, teacher: nn.Module | None = None,
-                 verify: str = "sha256"):
+                 verify: str = "sha256", memory_map: bool = True):
         import safetensors.torch
 
         if verify not in ("sha256", "size"):
@@ -989,7 +1028,7 @@ class TeacherCache(Teacher):
                     f"{where} is corrupt: its {'size' if size != entry['bytes'] else 'sha256'} is not the one in "
                     f"{MANIFEST_NAME}; delete the file and build the cache again (the other shards are kept)"
                 )
-            tensors = safetensors.torch.load_file(str(file))
+            tensors = map_safetensors(file) if memory_map else safetensors.torch.load_file(str(file))
             if not torch.equal(tensors["index"], torch.arange(entry["start"], entry["stop"])):
                 raise DistillationError(f"{where} holds other examples than its manifest entry says; build it again")
             self._shards.append(tensors)

@@ -573,3 +573,29 @@ def test_sequence_taps_come_back_at_the_batch_length(tmp_path):
             both = (mask[:, None, :, None] & mask[:, None, None, :]).expand_as(c)
             torch.testing.assert_close(c[both], e[both], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cached["logits"], expected["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_memory_mapped_shards_read_what_safetensors_wrote(tmp_path):
+    """map_safetensors gives the file's tensors (every dtype a cache stores, empty ones too) without loading it."""
+    import safetensors.torch
+
+    from hfdistill.cache import map_safetensors
+
+    tensors = {"f32": torch.randn(5, 3), "f16": torch.randn(4, 2).half(), "bf16": torch.randn(3, 7).bfloat16(),
+               "i64": torch.arange(9).view(3, 3), "i32": torch.arange(4, dtype=torch.int32), "f64": torch.randn(2).double(),
+               "empty": torch.zeros(0, 4), "b": torch.tensor([True, False])}
+    path = tmp_path / "t.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+    mapped = map_safetensors(path)
+    assert set(mapped) == set(tensors)
+    for name, value in tensors.items():
+        assert mapped[name].dtype == value.dtype and torch.equal(mapped[name], value), name
+    rows = mapped["f32"][torch.tensor([4, 0])]
+    torch.testing.assert_close(rows, tensors["f32"][[4, 0]])
+
+
+def test_memory_mapped_cache_gives_the_loaded_values(cache_dir, data):
+    batch = batch_of(data, [3, 1, 40, 7])
+    mapped, loaded = TeacherCache(cache_dir), TeacherCache(cache_dir, memory_map=False)
+    for tap, value in loaded.read(batch, loaded.active_taps).items():
+        torch.testing.assert_close(mapped.read(batch, [tap])[tap], value)
