@@ -78,9 +78,17 @@ the deterministic view (FKD and ReLabel do the same with stored crops); then it 
 ``teacher: {cache: DIR}`` checks its data's deterministic view against the cache before training and
 sets ``augmented`` from ``data.augment`` itself.
 
-**Views.** Only the deterministic (eval-mode, unaugmented) view is cached (``views: 1``). Caching N
-augmented views, each reproducible from a stored seed, needs the training loop to replay the matching
-augmentation per example; that is not implemented, and ``views > 1`` is refused.
+**Views.** By default the deterministic (eval-mode, unaugmented) view is cached (``views: 1``), and training
+with augmentation reads the teacher's outputs on the plain image (``augmented=True`` above). With ``views=N``
+the cache holds N augmented views of every example, as FKD (Shen & Xing, ECCV 2022, arXiv:2112.01528) and
+ReLabel store region-level soft labels with the crop coordinates that reproduce them: the data's own
+augmentation (hfdistill's image transforms draw each image's crop and flip from its content, an epoch and a
+seed) draws view v as at epoch v of a run seeded ``view_seed``, and row ``v * num_examples + i`` holds the
+teacher's outputs on view v of example i. Training replays them: at epoch e the trainer sets the data's
+augmentation to view ``e % N`` (with the cache's view seed, not the training seed) and the cache reads that
+view, so the student sees exactly the augmented images whose teacher outputs are stored, and the input
+checksums are compared strictly. The cache is N times larger; the teacher's cost is paid once for N epochs
+of different augmentations (FKD's saving).
 
 The teacher's evaluation on the eval split needs the teacher itself: with a cache it is skipped (the
 trainer says so once).
@@ -423,7 +431,8 @@ class _Builder:
 
     def __init__(self, teacher: Teacher, dataset: Any, folder: Path, taps: list[str], *, top_k: int | None,
                  feature_dtype: str, batch_size: int, shard_size: int, collator: Callable, num_workers: int,
-                 progress: bool):
+                 progress: bool, views: int = 1, view_seed: int = 0,
+                 set_view: Callable[[int, int], None] | None = None):
         self.teacher, self.dataset, self.folder, self.taps = teacher, dataset, folder, taps
         self.top_k, self.feature_dtype = top_k, FEATURE_DTYPES[feature_dtype]
         self.batch_size, self.shard_size, self.num_workers, self.progress = batch_size, shard_size, num_workers, progress
@@ -432,7 +441,11 @@ class _Builder:
         self.indexed = IndexedDataset(dataset)
         self.collate = IndexedCollator(collator)
         self.num_examples = len(dataset)
-        self.num_shards = max(1, math.ceil(self.num_examples / shard_size))
+        # Row r of the cache is view r // num_examples of example r % num_examples (views > 1: augmented views,
+        # each drawn by the data's own augmentation as at epoch `view` of a run seeded `view_seed`).
+        self.views, self.view_seed, self.set_view = views, view_seed, set_view
+        self.num_rows = views * self.num_examples
+        self.num_shards = max(1, math.ceil(self.num_rows / shard_size))
         self.layouts: dict[str, _Layout] | None = None
         self.listed_sha256: dict[str, str] = {}  # shards an earlier manifest lists, with their hashes
         self.input_name: str | None = None
@@ -440,19 +453,26 @@ class _Builder:
 
     # ---- data ----
     def shard_range(self, i: int) -> tuple[int, int]:
-        return i * self.shard_size, min((i + 1) * self.shard_size, self.num_examples)
+        return i * self.shard_size, min((i + 1) * self.shard_size, self.num_rows)
 
     def shard_path(self, i: int) -> Path:
         return self.folder / SHARD_NAME.format(i, self.num_shards)
 
     def batches(self, start: int, stop: int):
-        loader = torch.utils.data.DataLoader(
-            self.indexed, batch_size=self.batch_size, sampler=range(start, stop), collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
-        device = self.device
-        for batch in loader:
-            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        """Collated batches of rows ``start..stop-1``, their ``index`` the row; never two views in one batch."""
+        n, device = self.num_examples, self.device
+        for view in range(start // n, (stop - 1) // n + 1):
+            lo, hi = max(start, view * n), min(stop, (view + 1) * n)
+            if self.set_view is not None:
+                self.set_view(view, self.view_seed)  # before the loader's workers copy the dataset
+            loader = torch.utils.data.DataLoader(
+                self.indexed, batch_size=self.batch_size, sampler=range(lo - view * n, hi - view * n),
+                collate_fn=self.collate, num_workers=self.num_workers,
+            )
+            for batch in loader:
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch["index"] = batch["index"] + view * n
+                yield batch
 
     @property
     def device(self) -> torch.device:
@@ -678,6 +698,7 @@ def build_cache(
     device: str | torch.device | None = None,
     shard_size: int = 2048,
     views: int = 1,
+    view_seed: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
     wait_timeout: float = 3600.0,
@@ -709,7 +730,11 @@ def build_cache(
         teacher_dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16`` for the teacher's forward.
         device: where the teacher runs (default: this process's GPU, else the CPU).
         shard_size: examples per shard.
-        views: 1, the deterministic view (augmented views are not implemented; see the module docstring).
+        views: 1 (default): the examples as ``dataset`` gives them (its deterministic view). N > 1: N augmented
+            views of every example (FKD / ReLabel): ``dataset`` must augment with hfdistill's reproducible image
+            transforms (``set_augmentation_epoch``); view v is what it gives at epoch v of a run seeded
+            ``view_seed``, and training replays view ``epoch % N`` (module docstring).
+        view_seed: the seed of the augmented views (stored; training draws the same augmentations from it).
         rank, world_size: this process's part (default: torch.distributed, else RANK/WORLD_SIZE, else 0/1).
         wait_timeout: how long rank 0 waits for the other ranks' shards before writing the manifest.
         teacher_name, teacher_revision, preprocessing, augmentation: recorded in the manifest (what the
@@ -717,11 +742,19 @@ def build_cache(
         tokenizer: the teacher's tokenizer, saved in the cache (a recipe reading the cache tokenises with it).
         check_examples: examples of each shard already there whose input checksums are compared on resume.
     """
-    if views != 1:
-        raise DistillationError(
-            f"views={views}: only the deterministic view (views=1) can be cached for now; caching augmented views "
-            "needs the training loop to replay each view's augmentation, which hfdistill does not do yet"
-        )
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise DistillationError(f"views must be a positive integer, got {views!r}")
+    set_view = None
+    if views > 1:
+        from .trainer import augmentation_setter
+
+        set_view = augmentation_setter(dataset)
+        if set_view is None:
+            raise DistillationError(
+                f"views={views}: augmented views are drawn by the data's own augmentation, replayed in training, "
+                "and this dataset has none that can be replayed (hfdistill's image transforms, built with "
+                "`data.augment` other than none, have `set_augmentation_epoch`); give such a dataset, or views=1"
+            )
     if logits_top_k is not None and (isinstance(logits_top_k, bool) or not isinstance(logits_top_k, int) or logits_top_k < 1):
         raise DistillationError(f"logits_top_k must be a positive integer or None, got {logits_top_k!r}")
     if feature_dtype not in FEATURE_DTYPES:
@@ -763,7 +796,7 @@ def build_cache(
         collator = PaddingCollator()
     builder = _Builder(frozen, dataset, folder, all_taps, top_k=logits_top_k, feature_dtype=feature_dtype,
                        batch_size=batch_size, shard_size=shard_size, collator=collator, num_workers=num_workers,
-                       progress=progress)
+                       progress=progress, views=views, view_seed=view_seed, set_view=set_view)
     if builder.num_examples == 0:
         raise DistillationError("the dataset is empty: there is nothing to cache")
     identity = _identity(frozen, model, teacher_name, teacher_revision, sha256)
@@ -792,6 +825,7 @@ def _build(builder: _Builder, frozen: Teacher, folder: Path, identity: dict, ran
         "logits_top_k": logits_top_k,
         "feature_dtype": feature_dtype,
         "views": views,
+        "view_seed": builder.view_seed if views > 1 else None,
         "num_examples": builder.num_examples,
         "shard_size": shard_size,
         "num_shards": builder.num_shards,
@@ -849,8 +883,8 @@ def _check_or_write_build_spec(folder: Path, spec: dict) -> None:
                       f"({cached.get('teacher', {}).get('name')}) in the cache, {spec['teacher']['weights_sha256'][:12]}... "
                       f"({spec['teacher']['name']}) now: another teacher")
     differ += _differences(cached.get("teacher", {}), spec["teacher"], ["dtype"])
-    differ += _differences(cached, spec, ["taps", "logits_top_k", "feature_dtype", "views", "num_examples",
-                                          "shard_size", "input_name", "input_shape", "preprocessing"])
+    differ += _differences(cached, spec, ["taps", "logits_top_k", "feature_dtype", "views", "view_seed",
+                                          "num_examples", "shard_size", "input_name", "input_shape", "preprocessing"])
     if differ:
         raise DistillationError(
             f"{folder} holds (part of) another cache, so it cannot be resumed: " + "; ".join(differ)
@@ -902,7 +936,7 @@ def _write_manifest(folder: Path, spec: dict, builder: _Builder, augmentation: s
                        "sha256": file_sha256(path)})
     fingerprint = getattr(dataset, "_fingerprint", None)
     size = sum(shard["bytes"] for shard in shards)
-    sizes = {"bytes": size, "bytes_per_example": size / max(spec["num_examples"], 1)}
+    sizes = {"bytes": size, "bytes_per_example": size / max(spec["num_examples"], 1)}  # all its views
     if tokens:
         sizes.update({"tokens": tokens, "bytes_per_token": size / tokens})
     if rest_masses:
@@ -928,7 +962,11 @@ def _write_manifest(folder: Path, spec: dict, builder: _Builder, augmentation: s
             "fingerprint": fingerprint,
             "checksums_sha256": digest.hexdigest(),
             "views": spec["views"],
-            "view": "deterministic (eval-mode, unaugmented)",
+            "view_seed": spec.get("view_seed"),
+            "rows": spec["views"] * spec["num_examples"],
+            "view": ("deterministic (eval-mode, unaugmented)" if spec["views"] == 1 else
+                     f"{spec['views']} augmented views: row v * num_examples + i is example i as the data's "
+                     f"augmentation draws it at epoch v of a run seeded {spec.get('view_seed')}"),
             "training_augmentation": augmentation,
         },
         "shard_size": spec["shard_size"],
@@ -1014,6 +1052,9 @@ class TeacherCache(Teacher):
         self._checked = 0
         self._warned = False
         self.num_examples = int(self.manifest["data"]["num_examples"])
+        self.views = int(self.manifest["data"].get("views") or 1)
+        self.view_seed = self.manifest["data"].get("view_seed")
+        self.view = 0  # which augmented view training reads (set_view, each epoch)
         self.shard_size = int(self.manifest["shard_size"])
         self._shards: list[dict[str, torch.Tensor]] = []
         for entry in self.manifest["shards"]:
@@ -1157,7 +1198,12 @@ class TeacherCache(Teacher):
                 f"example index {int(index.max())} is beyond the teacher cache's {self.num_examples} examples: "
                 "the training data is larger than the data the cache was built from; build a cache for this data"
             )
-        return index
+        return index + self.view * self.num_examples  # the rows of the view in use
+
+    def set_view(self, epoch: int) -> int:
+        """Read view ``epoch % views`` from now on (a trainer calls it at every epoch); returns the view."""
+        self.view = int(epoch) % self.views
+        return self.view
 
     def _check_inputs(self, batch: dict, strict: bool = False) -> None:
         index = self._index(batch)
@@ -1195,7 +1241,7 @@ class TeacherCache(Teacher):
             return
         data = self.manifest.get("data", {})
         raise DistillationError(
-            f"the teacher inputs of training example(s) {[int(index[b]) for b in bad[:5]]} ({len(bad)} of {len(index)} "
+            f"the teacher inputs of training example(s) {[int(index[b]) % self.num_examples for b in bad[:5]]} ({len(bad)} of {len(index)} "
             f"checked) differ from those the teacher cache at {self.path} was built from: other data (another "
             "dataset, split, order, subset or seed) or other preprocessing (resolution, normalisation, tokenizer, "
             f"max_length) than at build time (cache: {data.get('num_examples')} examples, fingerprint "

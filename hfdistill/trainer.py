@@ -184,6 +184,17 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         if self.args.lmbda > 0:
             on_policy.check_student(student, self.is_fsdp_enabled or self.is_deepspeed_enabled, self._teacher_is_cache,
                                     bool(distill.terms))
+        setter = augmentation_setter(self.train_dataset)
+        views = getattr(self.frozen_teacher, "views", 1) if self._teacher_is_cache else 1
+        if views > 1:
+            if setter is None:
+                raise DistillationError(
+                    f"the teacher cache holds {views} augmented views of every example, replayed one per epoch, but "
+                    "the training data has no reproducible augmentation to replay them with (hfdistill's image "
+                    "transforms with data.augment other than none); train on the data the cache was built from"
+                )
+            self.frozen_teacher.augmented = False  # replayed exactly: every difference is an error
+            setter(self.frozen_teacher.set_view(0), int(self.frozen_teacher.view_seed))  # the dry run reads view 0
         self._needs_index = "index" in self._loss_field_names or self._teacher_is_cache
         if self._needs_index:
             # Losses with per-example state (CRD's memory bank) read each example's dataset index.
@@ -203,9 +214,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         if self.stage.train is not None:  # checked now; they take effect for the duration of train()
             distill.select_trainable(self.stage.train, f"{self.stage_path}.train")
         self._drop_short_last_batch()
-        setter = _epoch_setter(self.train_dataset)
         if setter is not None:  # per-example augmentation that a mid-epoch resume reproduces
-            self.add_callback(_AugmentationEpoch(setter))
+            self.add_callback(_AugmentationEpoch(setter, self.frozen_teacher if views > 1 else None))
 
     def _drop_short_last_batch(self) -> None:
         """Drop each epoch's last batch when it would be too small for something that trains on it.
@@ -665,7 +675,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
 
 
 # ---------------------------------------------------------------------- helpers
-def _epoch_setter(dataset: Any) -> Callable[[int, int], None] | None:
+def augmentation_setter(dataset: Any) -> Callable[[int, int], None] | None:
     """``set_augmentation_epoch(epoch, seed)`` of a training dataset or of its ``datasets`` transform (hfdistill's
     image transforms draw each example's augmentation from its content, the epoch and the seed), or None.
     (Not ``set_epoch``: Accelerate calls that on datasets with the epoch alone, and not after a resume's skip.)"""
@@ -677,14 +687,23 @@ def _epoch_setter(dataset: Any) -> Callable[[int, int], None] | None:
 
 
 class _AugmentationEpoch(TrainerCallback):
-    """Tells the training data which epoch starts (before its loader's workers start), with the run's seed."""
+    """Tells the training data which epoch starts (before its loader's workers start), with the run's seed.
 
-    def __init__(self, setter: Callable[[int, int], None]):
-        self.setter = setter
+    With a teacher cache of N augmented views (FKD), epoch e replays view e % N instead: the data draws the
+    augmentations of that view (as at epoch e % N of a run seeded with the cache's view seed), and the cache
+    reads the teacher's outputs on exactly those images.
+    """
+
+    def __init__(self, setter: Callable[[int, int], None], views_cache: Any = None):
+        self.setter, self.views_cache = setter, views_cache
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # A resumed run starts mid-epoch (state.epoch = 1.5 -> epoch 1); a finished epoch k ends at k.0.
-        self.setter(int(math.floor((state.epoch or 0.0) + 1e-6)), args.seed)
+        epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
+        if self.views_cache is not None:
+            self.setter(self.views_cache.set_view(epoch), int(self.views_cache.view_seed))
+        else:
+            self.setter(epoch, args.seed)
 
 
 def _batch_norm_need(module: nn.Module) -> int:

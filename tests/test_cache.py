@@ -357,9 +357,11 @@ def test_refuses_another_major_version_and_incomplete_caches(tmp_path, cache_dir
         TeacherCache(copy)
 
 
-def test_refuses_augmented_views_and_bad_options(tmp_path, data, teacher):
-    with pytest.raises(DistillationError, match=r"views=4: only the deterministic view"):
+def test_refuses_views_without_replayable_augmentation_and_bad_options(tmp_path, data, teacher):
+    with pytest.raises(DistillationError, match=r"views=4: augmented views are drawn by the data's own augmentation"):
         build_cache(teacher, data, None, tmp_path / "v", views=4)
+    with pytest.raises(DistillationError, match="views must be a positive integer"):
+        build_cache(teacher, data, None, tmp_path / "v", views=0)
     with pytest.raises(DistillationError, match="feature_dtype"):
         build_cache(teacher, data, None, tmp_path / "v", feature_dtype="int8")
     with pytest.raises(DistillationError, match="logits_top_k"):
@@ -599,3 +601,65 @@ def test_memory_mapped_cache_gives_the_loaded_values(cache_dir, data):
     mapped, loaded = TeacherCache(cache_dir), TeacherCache(cache_dir, memory_map=False)
     for tap, value in loaded.read(batch, loaded.active_taps).items():
         torch.testing.assert_close(mapped.read(batch, [tap])[tap], value)
+
+
+# ------------------------------------------------------------------------------ augmented views (FKD)
+def augmenting_digits(n=N):
+    """Digits as uint8 arrays behind hfdistill's batched, reproducible crop-and-flip training transform."""
+    from conftest import digits_arrays
+
+    from hfdistill.data import ArrayImageDataset, ImageArrays, ImageTransform
+    from hfdistill.models import ImageConfig
+
+    images, labels = digits_arrays(16)
+    pixels = ((images[:n] + 1) * 127.5).round().to(torch.uint8)
+    config = ImageConfig(size=(16, 16), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return ArrayImageDataset(ImageArrays(pixels, labels[:n]), ImageTransform(config, train=True, augment="crop_flip"))
+
+
+def test_augmented_views_store_the_teachers_outputs_on_each_replayable_view(tmp_path, teacher):
+    data = augmenting_digits()
+    folder = build_cache(teacher, data, {"terms": [{"loss": "kd"}]}, tmp_path / "views", views=3, view_seed=7,
+                         batch_size=8, shard_size=20, device="cpu", progress=False)
+    manifest = json.loads((Path(folder) / MANIFEST_NAME).read_text())
+    assert manifest["data"]["views"] == 3 and manifest["data"]["rows"] == 3 * N and manifest["data"]["view_seed"] == 7
+    assert manifest["shards"][-1]["stop"] == 3 * N  # shards of rows, across view boundaries
+    cache, live = TeacherCache(folder), live_teacher(teacher, ["logits"])
+    views = []
+    for view in (0, 1, 2, 1):
+        data.set_augmentation_epoch(view, 7)
+        cache.set_view(view)
+        batch = batch_of(data, [0, 5, 19, 20, 47])
+        torch.testing.assert_close(cache.features(batch)["logits"], live.features(batch)["logits"], rtol=1e-5, atol=1e-5)
+        views.append(batch["pixel_values"])
+    assert not torch.equal(views[0], views[1]) and torch.equal(views[1], views[3])  # each view its own crops
+    # Another view's images do not match the stored ones.
+    cache.set_view(0)
+    data.set_augmentation_epoch(1, 7)
+    with pytest.raises(DistillationError, match="differ from those the teacher cache"):
+        cache.features(batch_of(data, list(range(8))))
+
+
+def test_training_replays_view_epoch_mod_n(tmp_path, teacher):
+    """Each epoch the data draws the augmentations of view epoch % N and the cache reads that view: the trainer's
+    strict input checks pass over 4 epochs (3 views), and the cache read views 0, 1, 2, 0."""
+    data = augmenting_digits()
+    folder = build_cache(teacher, data, {"terms": [{"loss": "kd"}]}, tmp_path / "views", views=3, view_seed=3,
+                         batch_size=8, device="cpu", progress=False)
+    cache = TeacherCache(folder, check_batches=10**6)  # every batch compared with the stored checksums
+    seen = []
+    set_view = cache.set_view
+    cache.set_view = lambda epoch: seen.append(set_view(epoch)) or cache.view
+    trainer = DistillationTrainer(model=tiny_timm(seed=2), teacher=cache, recipe={"terms": [{"loss": "kd"}]},
+                                  args=make_args(tmp_path / "run", max_steps=-1, num_train_epochs=4,
+                                                 per_device_train_batch_size=8), train_dataset=data)
+    trainer.train()
+    assert seen[-4:] == [0, 1, 2, 0] and cache._checked >= 4 * N // 8  # every training batch (and the dry run)
+
+
+def test_views_need_data_that_replays_its_augmentation(tmp_path, data, teacher):
+    folder = build_cache(teacher, augmenting_digits(), None, tmp_path / "v", views=2, batch_size=16, device="cpu",
+                         progress=False)
+    with pytest.raises(DistillationError, match="no reproducible augmentation"):
+        DistillationTrainer(model=tiny_timm(seed=2), teacher=TeacherCache(folder), recipe={"terms": [{"loss": "kd"}]},
+                            args=make_args(tmp_path / "run"), train_dataset=data)
