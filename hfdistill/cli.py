@@ -6,6 +6,11 @@
     hfdistill cache RECIPE.yaml [--output DIR] [--logits_top_k K] [--feature_dtype float16|float32]
                     [--batch_size N] [--dotted.key value ...]     run the teacher once over the training
                                                           data and store what the terms read (hfdistill.cache)
+    hfdistill generate RECIPE.yaml [--output DIR] [--max_new_tokens N] [--batch_size B] [--do_sample]
+                       [--temperature T] [--top_p P] [--seed S] [--shard_size N] [--dotted.key value ...]
+                                                          sequence-level KD (text-generation): the teacher
+                                                          completes every training prompt, written as a
+                                                          dataset to train on (hfdistill.generate)
     hfdistill losses [--markdown | --update-readme README.md]
     hfdistill suggest TEACHER STUDENT [--task T] [--input-size N] [--method LOSS]
                                                           pair the two models' layers in a dry run and print
@@ -124,6 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the stored features (default float16; logits are always float32)")
     cache.add_argument("--batch_size", type=int, default=64, metavar="N", help="teacher batch size (default 64)")
     cache.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
+    generate = commands.add_parser(
+        "generate", help="sequence-level KD: write the teacher's completions of the training prompts as a dataset",
+        description="Sequence-level knowledge distillation (Kim & Rush, EMNLP 2016, arXiv:1606.07947) for "
+        "text-generation recipes: load the recipe's teacher and training data as `train` does, let the teacher "
+        "complete each training prompt (prompt/completion data: the prompt; chats: the conversation before the "
+        "last assistant turn), greedily by default, and write the rows with the teacher's text (JSON Lines shards) "
+        "and the held-out examples unchanged, then print the `data:` section that trains on them. An interrupted "
+        "run resumes; under `accelerate launch` each process writes its own shards. " + overrides,
+    )
+    generate.add_argument("recipe", help="the recipe YAML file")
+    generate.add_argument("--output", metavar="DIR",
+                          help="the output folder (default: <training.output_dir>-teacher-completions)")
+    generate.add_argument("--max_new_tokens", type=int, metavar="N",
+                          help="at most N new tokens per completion (default: data.max_length minus the prompt's "
+                               "tokens, at most 512)")
+    generate.add_argument("--batch_size", type=int, default=32, metavar="B", help="prompts per generate() call (default 32)")
+    generate.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (with --do_sample; default 1)")
+    generate.add_argument("--top_p", type=float, metavar="P", help="nucleus sampling (with --do_sample; default 1: off)")
+    generate.add_argument("--seed", type=int, metavar="S", help="sampling seed (default: training.seed)")
+    generate.add_argument("--shard_size", type=int, default=1024, metavar="N",
+                          help="training rows per shard, the unit of resuming (default 1024)")
+    generate.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     commands.add_parser(
         "push", add_help=False, help="push a finished result folder to the Hub (`hfdistill push --help`)"
     )
@@ -187,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[DEBUG_ENV] = "1"
     if args.command == "cache":
         return guarded(lambda: _cache_command(args, extra))
+    if args.command == "generate":
+        return guarded(lambda: _generate_command(args, extra))
     if args.command == "suggest":
         if extra:
             _error(f"unexpected arguments {extra}; `hfdistill suggest` takes TEACHER STUDENT [--task T] [--input-size N] "
@@ -215,6 +245,17 @@ def _cache_command(args: argparse.Namespace, overrides: list[str]) -> None:
     folder = cache_command(args.recipe, overrides, output=args.output, logits_top_k=args.logits_top_k,
                            feature_dtype=args.feature_dtype, batch_size=args.batch_size)
     _print(cache_usage(folder, args.recipe))
+
+
+def _generate_command(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .generate import generate_command, generate_usage
+
+    _print(f"generating the teacher's completions for {args.recipe}")
+    folder = generate_command(args.recipe, overrides, output=args.output, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, do_sample=args.do_sample, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, shard_size=args.shard_size)
+    if processes.is_main_process():  # the other processes do not wait for the manifest
+        _print(generate_usage(folder, args.recipe))
 
 
 def _suggest_command(args: argparse.Namespace) -> None:

@@ -327,10 +327,13 @@ def _encode_labels(split, column: str, names: list[str]):
     return split
 
 
-def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: Any = None) -> RawData:
+def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: Any = None, *,
+                  keep_columns: bool = False) -> RawData:
     """Train and eval splits for ``spec`` (or for ``dataset``, a ``DatasetDict``/``Dataset`` from Python).
 
     ``seed`` (default ``spec.seed``) fixes the made validation split and the sample limits.
+    ``keep_columns`` (language modelling): keep the columns both splits have besides the format's own (the same
+    rows either way), for writers of derived data such as :mod:`hfdistill.generate`.
 
     Raises :class:`~hfdistill.recipe.RecipeError` naming the ``data.*`` field to fix.
     """
@@ -387,7 +390,7 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
             train, evaluation = parts["train"], parts["test"]
 
     if info.targets == "tokens":
-        return _language_modelling_raw(spec, train, evaluation, info, seed)
+        return _language_modelling_raw(spec, train, evaluation, info, seed, keep_columns)
     columns = train.column_names
     if image_task:
         input_column = _pick_column(columns, spec.image_column, info.input_columns, "image_column", "the images")
@@ -478,17 +481,21 @@ def _drop_empty(split: Any, fmt: str) -> Any:
     return split if len(keep) == len(split) else split.select(keep)
 
 
-def _language_modelling_raw(spec: DataSpec, train: Any, evaluation: Any, info: Any, seed: int) -> RawData:
+def _language_modelling_raw(spec: DataSpec, train: Any, evaluation: Any, info: Any, seed: int,
+                            keep_columns: bool = False) -> RawData:
     """Splits for a task whose targets are tokens: one format's columns, renamed to `text`, `prompt` and
-    `completion`, or `messages`; no labels."""
+    `completion`, or `messages`; no labels. ``keep_columns``: also the other columns both splits have (not
+    one named like a format's column, which would change the format found in the data)."""
     fmt, rename = _lm_columns(spec, train.column_names, info.input_columns)
     for column in rename:
         if column not in evaluation.column_names:
             raise RecipeError("data.eval_split", f"the eval split has no column {column!r}; its columns: "
                               f"{evaluation.column_names}")
+    reserved = {*rename, *rename.values(), "messages", "prompt", "completion"}
+    extra = [c for c in train.column_names if c in evaluation.column_names and c not in reserved] if keep_columns else []
     splits = []
     for split, name in ((train, "train"), (evaluation, "eval")):
-        split = split.select_columns(list(rename)).rename_columns({k: v for k, v in rename.items() if k != v})
+        split = split.select_columns(list(rename) + extra).rename_columns({k: v for k, v in rename.items() if k != v})
         _check_lm_split(split, fmt, spec, name)
         splits.append(_drop_empty(split, fmt))
     train, evaluation = splits
