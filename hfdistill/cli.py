@@ -40,52 +40,12 @@ from .errors import BadInputError, HfdistillError, HubError, RecipeError
 from .outputs import RECIPE_NAME as RECIPE_FILE_NAME  # noqa: F401 - kept for callers of the old name
 from .recipe import apply_overrides, load_recipe, parse_overrides  # noqa: F401 - the CLI's overrides, re-exported
 from .run import RunInterrupted, run, run_recipe  # noqa: F401 - run_recipe: the public API of before
+from .losses.registry import METHODS_END, METHODS_START, losses_table, update_readme_methods  # noqa: F401
 from .tasks import TASK_NAMES
 from .tasks import accuracy  # noqa: F401 - moved to hfdistill.tasks; kept importable from here
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEBUG_ENV = "HFDISTILL_DEBUG"  # set to 1 (or pass --debug) for the traceback of an unexpected error
-METHODS_START, METHODS_END = "<!-- methods:start -->", "<!-- methods:end -->"
-
-
-# ------------------------------------------------------------------------------- losses table
-def losses_table(markdown: bool = False) -> str:
-    """Every registered loss: name, description, paper and year, what it reads, trainable modules."""
-    from . import losses
-
-    rows = []
-    for name in losses.available():
-        info = losses.get_info(name)
-        paper = info.paper if str(info.year) in info.paper else f"{info.paper} ({info.year})"
-        rows.append([name, info.description, paper, info.reads, "yes" if info.trainable else "no"])
-    header = ["name", "description", "paper", "reads", "trains extra modules"]
-    if markdown:
-        def cell(text: str) -> str:
-            return str(text).replace("|", "\\|").replace("\n", " ")
-
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-        return "\n".join(lines)
-    out = []
-    for row in rows:
-        out.append(f"{row[0]}  [{row[3]}; trains extra modules: {row[4]}]")
-        out.append(textwrap.fill(row[1], 100, initial_indent="    ", subsequent_indent="    "))
-        out.append(textwrap.fill(row[2], 100, initial_indent="    paper: ", subsequent_indent="           "))
-    return f"{len(rows)} registered losses (`--markdown` for a table)\n\n" + "\n".join(out)
-
-
-def update_readme_methods(readme: str | os.PathLike) -> bool:
-    """Replace the methods table between the README's markers; returns whether it changed."""
-    path = Path(readme)
-    text = path.read_text(encoding="utf-8")
-    if METHODS_START not in text or METHODS_END not in text:
-        raise RecipeError("", f"{path} has no {METHODS_START} ... {METHODS_END} markers")
-    head, rest = text.split(METHODS_START, 1)
-    _, tail = rest.split(METHODS_END, 1)
-    new = f"{head}{METHODS_START}\n{losses_table(markdown=True)}\n{METHODS_END}{tail}"
-    if new != text:
-        path.write_text(new, encoding="utf-8")
-    return new != text
 
 
 # ------------------------------------------------------------------------------- entry point
@@ -95,26 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Knowledge distillation for Hugging Face models: recipes in, compact students out.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     overrides = ("Any recipe key can be overridden with `--dotted.key value`, e.g. `--training.learning_rate 0.01 "
                  "--terms.0.weight 0.5 --stages.1.training.num_train_epochs 2`.")
     train = commands.add_parser(
-        "train", help="train a student from a recipe",
+        "train", parents=[debug], help="train a student from a recipe",
         description="Train a student as a YAML recipe describes (every stage, after checking all of them). " + overrides,
     )
     train.add_argument("recipe", help="the recipe YAML file")
-    train.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     train.add_argument("--overwrite", action="store_true",
                        help="replace an earlier result in the output folder (training.overwrite_output_dir)")
     check = commands.add_parser(
-        "check", help="check a recipe without training: models, data, every stage's dry run",
+        "check", parents=[debug], help="check a recipe without training: models, data, every stage's dry run",
         description="Validate a recipe, load its models and data and build the trainer of every stage (the "
         "dry-run batch: taps, adapters, loss set-up) without training or writing anything; print what was "
         "checked. Exit 0 when `train` would start, 2 with the problem otherwise. " + overrides,
     )
     check.add_argument("recipe", help="the recipe YAML file")
-    check.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     cache = commands.add_parser(
-        "cache", help="run the teacher once over the training data and store its outputs for training",
+        "cache", parents=[debug], help="run the teacher once over the training data and store its outputs for training",
         description="Load the recipe's teacher and training data as `train` does, run the teacher once over the "
         "deterministic (unaugmented) view of every training example and store what the recipe's terms read "
         "(logits and tapped features) in safetensors shards with a manifest. Train with it by giving the recipe "
@@ -128,9 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--feature_dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                        help="dtype of the stored features (default float16; logits are always float32)")
     cache.add_argument("--batch_size", type=int, default=64, metavar="N", help="teacher batch size (default 64)")
-    cache.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     generate = commands.add_parser(
-        "generate", help="sequence-level KD: write the teacher's completions of the training prompts as a dataset",
+        "generate", parents=[debug], help="sequence-level KD: write the teacher's completions of the training prompts as a dataset",
         description="Sequence-level knowledge distillation (Kim & Rush, EMNLP 2016, arXiv:1606.07947) for "
         "text-generation recipes: load the recipe's teacher and training data as `train` does, let the teacher "
         "complete each training prompt (prompt/completion data: the prompt; chats: the conversation before the "
@@ -151,12 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, metavar="S", help="sampling seed (default: training.seed)")
     generate.add_argument("--shard_size", type=int, default=1024, metavar="N",
                           help="training rows per shard, the unit of resuming (default 1024)")
-    generate.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     commands.add_parser(
         "push", add_help=False, help="push a finished result folder to the Hub (`hfdistill push --help`)"
     )
     suggest = commands.add_parser(
-        "suggest", help="suggest tap pairs and a ready `terms:` block for a teacher and a student",
+        "suggest", parents=[debug], help="suggest tap pairs and a ready `terms:` block for a teacher and a student",
         description="Build both models by the names recipes use, without pretrained weights, run each once on an "
         "example input, pair their stage outputs (CNNs, by output stride) or layers (transformers, by layer "
         "proportion), and print each pair's shapes and adapter, then a `terms:` block to paste into a recipe.",
@@ -169,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     suggest.add_argument("--method", metavar="LOSS",
                          help="a registered loss that reads features (default: mse, FitNets-style hints; at: "
                               "attention maps, no adapters)")
-    suggest.add_argument("--debug", action="store_true", help=f"print the traceback of an unexpected error (or {DEBUG_ENV}=1)")
     losses = commands.add_parser("losses", help="list the registered distillation methods")
     losses.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's)")
     losses.add_argument("--update-readme", metavar="README", help="rewrite the table between the README's markers")

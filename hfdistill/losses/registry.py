@@ -54,13 +54,16 @@ A loss module that trains whole networks to publish beside the student (DML's pe
 from __future__ import annotations
 
 import inspect
+import os
+import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ..errors import LossParamError
+from ..errors import LossParamError, RecipeError
 
 # Fields the trainer can supply to a loss besides what is in the batch.
 TRAINER_FIELDS = ("epoch", "step")
@@ -182,3 +185,44 @@ def as_list(x: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> 
 def needs_teacher(name: str, params: dict | None = None) -> bool:
     """Whether a term with this loss and parameters reads a teacher model (Tf-KD's virtual teacher does not)."""
     return getattr(build(name, **(params or {})), "needs_teacher", True)
+
+
+# ------------------------------------------------------------------------------- the table of methods
+METHODS_START, METHODS_END = "<!-- methods:start -->", "<!-- methods:end -->"  # the README's generated table
+
+
+def losses_table(markdown: bool = False) -> str:
+    """Every registered loss: name, description, paper and year, what it reads, trainable modules."""
+    rows = []
+    for name in available():
+        info = get_info(name)
+        paper = info.paper if str(info.year) in info.paper else f"{info.paper} ({info.year})"
+        rows.append([name, info.description, paper, info.reads, "yes" if info.trainable else "no"])
+    header = ["name", "description", "paper", "reads", "trains extra modules"]
+    if markdown:
+        def cell(text: str) -> str:
+            return str(text).replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+        return "\n".join(lines)
+    out = []
+    for row in rows:
+        out.append(f"{row[0]}  [{row[3]}; trains extra modules: {row[4]}]")
+        out.append(textwrap.fill(row[1], 100, initial_indent="    ", subsequent_indent="    "))
+        out.append(textwrap.fill(row[2], 100, initial_indent="    paper: ", subsequent_indent="           "))
+    return f"{len(rows)} registered losses (`--markdown` for a table)\n\n" + "\n".join(out)
+
+
+def update_readme_methods(readme: str | os.PathLike) -> bool:
+    """Replace the methods table between the README's markers; returns whether it changed."""
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    if METHODS_START not in text or METHODS_END not in text:
+        raise RecipeError("", f"{path} has no {METHODS_START} ... {METHODS_END} markers")
+    head, rest = text.split(METHODS_START, 1)
+    _, tail = rest.split(METHODS_END, 1)
+    new = f"{head}{METHODS_START}\n{losses_table(markdown=True)}\n{METHODS_END}{tail}"
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
