@@ -84,6 +84,13 @@ TRANSFORMER_ONLY = {
     "minilm_value_relation": "MiniLM value relation: reads self-attention values",
     "deit": "DeiT hard/soft distillation: needs a ViT student with a distillation token",
 }
+# Methods for dense prediction: they read per-pixel logits or per-query detections, which a classifier has not.
+DENSE_ONLY = {
+    "pixel_kd": "pixel-wise KD of segmentation logits: reads [B, K, H, W] score maps",
+    "pairwise_affinity": "SKD's pair-wise affinity distillation: made for segmentation feature maps",
+    "detection_logit_kd": "DETR-family query logit distillation: reads per-query class logits and boxes",
+}
+NO_ROW = {**TRANSFORMER_ONLY, **DENSE_ONLY}  # every registered method that has no row, and why
 NOT_IMPLEMENTED: dict[str, str] = {}  # registered methods without a row here, and why
 
 # The pair and data of every row, read from the shared base recipe (kept as names for older callers).
@@ -449,6 +456,8 @@ def write_report(path: Path, records: list[dict], specs: dict, info: dict, chart
     lines += ["", "## Methods without a row", ""]
     for name, why in TRANSFORMER_ONLY.items():
         lines.append(f"- `{name}`: not applicable to a CNN pair ({why}).")
+    for name, why in DENSE_ONLY.items():
+        lines.append(f"- `{name}`: for dense prediction, not a classifier pair ({why}).")
     for name, why in NOT_IMPLEMENTED.items():
         lines.append(f"- `{name}`: {why}.")
     for alias, main_name in ALIASES.items():

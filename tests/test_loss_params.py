@@ -87,6 +87,9 @@ INVALID = {
     "skew_kl": [("alpha", 1.0), ("alpha", -0.1), ("temperature", 0)],
     "skew_reverse_kl": [("alpha", 1.0), ("alpha", 1.5), ("chunk_size", 0)],
     "uld": [("temperature", 0), ("chunk_size", 0)],
+    "pixel_kd": [("temperature", 0), ("align", "both"), ("ignore_index", 1.5)],
+    "pairwise_affinity": [("scale", 0), ("scale", 1)],
+    "detection_logit_kd": [("activation", "focal"), ("box_weight", -1), ("giou_weight", -1), ("score_threshold", 1.5)],
 }
 
 GENERIC_BAD = [float("nan"), float("inf"), float("-inf"), "abc", True]
@@ -238,6 +241,11 @@ EXAMPLES = {
     "skew_kl": (_maps(B, 6, 5, seed=0), _maps(B, 6, 5, seed=1), {"labels": LM_LABELS}),
     "skew_reverse_kl": (_maps(B, 6, 5, seed=0), _maps(B, 6, 5, seed=1), {"labels": LM_LABELS}),
     "uld": (_maps(B, 6, 5, seed=0), _maps(B, 6, 7, seed=1), {"labels": LM_LABELS}),  # another vocabulary
+    # dense prediction: segmentation score maps (the teacher's larger), features, DETR queries [logits, boxes]
+    "pixel_kd": (_maps(B, 5, 4, 4, seed=0), _maps(B, 5, 8, 8, seed=1), {"labels": torch.zeros(B, 8, 8, dtype=torch.long)}),
+    "pairwise_affinity": (_maps(B, 3, 4, 4, seed=0), _maps(B, 6, 8, 8, seed=1), {}),
+    "detection_logit_kd": ([_maps(B, 5, 3, seed=0), _maps(B, 5, 4, seed=1).sigmoid()],
+                           [_maps(B, 4, 3, seed=2), _maps(B, 4, 4, seed=3).sigmoid()], {}),
 }
 
 

@@ -17,5 +17,6 @@ from . import contrastive  # noqa: E402,F401
 from . import gradients  # noqa: E402,F401
 from . import mutual  # noqa: E402,F401
 from . import tokens  # noqa: E402,F401
+from . import dense  # noqa: E402,F401
 
 __all__ = ["LossInfo", "available", "build", "get_info", "needs_teacher", "register_loss"]
