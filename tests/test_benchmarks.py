@@ -102,3 +102,51 @@ def test_step_overhead_rows(tmp_path):
     assert all(cells[-1] in ("yes", "NO") for cells in leaks)
     raw = json.loads(out.with_suffix(".json").read_text())
     assert [p["pair"] for p in raw["pairs"]] == ["cnn-small", "cnn-224", "bert"]
+
+
+# ------------------------------------------------------------------------------ causal LM token losses
+def test_causal_lm_token_losses_tiny_rows(tmp_path):
+    """benchmarks/causal_lm_token_losses.py --tiny: a row for the student alone and each requested loss, each with
+    a numeric perplexity (per seed and mean) and times, the teacher's perplexity once, machine and date lines."""
+    pytest.importorskip("chatterbot_corpus")
+    module = load("causal_lm_token_losses")
+    out = tmp_path / "causal_lm_token_losses_cpu.md"
+    assert module.main(["--tiny", "--out", str(out), "--workdir", str(tmp_path / "work")]) == 0
+    text = out.read_text()
+    assert "Tiny run" in text and "smoke test" in text
+    assert "Machine:" in text and "Date:" in text and "torch" in text and "transformers" in text and "hfdistill" in text
+    assert "Command: `python benchmarks/causal_lm_token_losses.py --tiny" in text
+    assert "## What the numbers say" in text and "(written when the run ends)" not in text
+    rows = {cells[0]: cells for cells in table_rows(text, "Perplexity per row")}
+    expected = ["student alone", *module.TINY_LOSSES]
+    assert set(expected) <= set(rows) and len(module.TINY_LOSSES) == 2
+    for name in expected:
+        _, loss, ppl, per_seed, wall_s, train_s, gain, note = rows[name]
+        assert "failed" not in note and "failed" not in per_seed, rows[name]
+        assert NUMBER.match(ppl) and 1 < float(ppl) < 1e4, rows[name]  # one seed: no "± std"
+        assert re.fullmatch(r"s0: \d+\.\d+", per_seed), rows[name]
+        assert NUMBER.match(wall_s) and float(wall_s) > 0 and NUMBER.match(train_s), rows[name]
+        if name == "student alone":
+            assert gain == "-"
+        else:
+            assert re.fullmatch(r"[+-]\d+\.\d+", gain), rows[name]
+    assert NUMBER.match(rows["teacher"][2])
+    assert "jsd (beta=0.5)" in rows["jsd"][1] and rows["student alone"][1] == "1 next-token"
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["args"]["tiny"] and raw["date"] and raw["machine"]["cpu"] and not raw["running"]
+    assert raw["teacher"]["perplexity"] > 1 and raw["teacher"]["train_seconds"] >= 0
+    assert [r["row"] for r in raw["rows"]] == expected
+    for run in raw["runs"]:
+        assert "error" not in run and run["seed"] == 0
+        assert run["perplexity"] > 1 and run["wall_seconds"] > 0 and run["train_seconds"] >= 0
+    assert not any((tmp_path / "work").glob("*-seed0")), "each run's folder is removed once read"
+    # A failed run is a row with its error, not a crash: rendered from records, no training.
+    records = raw["runs"][:2] + [{"row": module.TINY_LOSSES[1], "seed": 0, "error": "RuntimeError: boom"}]
+    info = {"command": "x", "machine": raw["machine"], "args": raw["args"], "overrides": {}, "date": raw["date"],
+            "total_seconds": 1.0}
+    failed_out = tmp_path / "failed.md"
+    module.write_report(failed_out, records, expected, info, raw["teacher"], running=False)
+    failed = {cells[0]: cells for cells in table_rows(failed_out.read_text(), "Perplexity per row")}
+    assert failed[module.TINY_LOSSES[1]][2] == "-" and "s0: failed" in failed[module.TINY_LOSSES[1]][3]
+    assert "RuntimeError: boom" in failed[module.TINY_LOSSES[1]][-1]
+    assert NUMBER.match(failed[module.TINY_LOSSES[0]][2])
