@@ -158,9 +158,33 @@ class ModelTaps:
                 self.forward_kwargs["output_hidden_states"] = True
             elif name == "attentions":
                 self.forward_kwargs["output_attentions"] = True
+        self.logits_unread = self._logits_unread(root)
         self._store: dict[str, torch.Tensor] = {}
         self._recording = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _logits_unread(self, root: nn.Module) -> bool:
+        """Whether a causal LM may compute its output layer on the last position only (``logits_to_keep=1``):
+        no tap reads its logits or its output layer, and its forward takes the argument. Its vocabulary-size
+        logits of the whole sequence are then never made (the largest tensor of its forward)."""
+        import inspect
+
+        try:
+            accepts = "logits_to_keep" in inspect.signature(root.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        get_head = getattr(root, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        reads_head = any(module is head for module in self._modules.values()) if head is not None else False
+        reads_logits = any(tap.path.split(".")[0] == "logits" for tap in self._outputs)
+        return accepts and not reads_head and not reads_logits
+
+    def call_kwargs(self, has_labels: bool = False) -> dict:
+        """Keyword arguments of a forward whose taps are recorded: what the named outputs need, and
+        ``logits_to_keep=1`` when nothing reads the logits (never with labels: the model's loss needs them all)."""
+        if self.logits_unread and not has_labels:
+            return {**self.forward_kwargs, "logits_to_keep": 1}
+        return self.forward_kwargs
 
     # ---- hooks ----
     def attach(self) -> None:

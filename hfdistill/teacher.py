@@ -161,7 +161,7 @@ class Teacher:
         self.model.eval()
         with self.taps.recording():
             with torch.inference_mode():
-                outputs = self._forward(self.call_inputs(batch), self.taps.forward_kwargs)
+                outputs = self._forward(self.call_inputs(batch), self.taps.call_kwargs())
                 tapped = self.taps.gather(outputs)
         try:
             return {k: v if k in self.keep_dtype else to_float(v) for k, v in tapped.items()}

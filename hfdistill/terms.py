@@ -281,7 +281,8 @@ class DistillationModel(nn.Module):
     def student_features(self, **student_inputs) -> tuple[Any, dict]:
         """One student forward with its taps recorded: ``(outputs, {tap: value})``."""
         with self.student_taps.recording():
-            outputs = self.student(**student_inputs, **self.student_taps.forward_kwargs)
+            kwargs = self.student_taps.call_kwargs(has_labels="labels" in student_inputs)
+            outputs = self.student(**student_inputs, **kwargs)
         try:
             return outputs, self.student_taps.gather(outputs)
         finally:
@@ -504,7 +505,9 @@ def build_term_modules(
             distill.adapters[term.name] = adapters.to(device)
             with torch.no_grad():
                 s_shapes = [a(to_float(student_features[t])).shape for a, t in zip(adapters, term.student_taps)]
-        if info.same_shape and teacher is not None:
+        loss_module = loss_registry.build(term.spec.loss, **term.spec.params)
+        # A loss instance may relax its registered shape rule (a token loss reading hidden states of two widths).
+        if getattr(loss_module, "same_shape", info.same_shape) and teacher is not None:
             for s_tap, t_tap, s, t in zip(term.student_taps, term.teacher_taps, s_shapes, t_shapes):
                 if s != t:
                     hint = (
@@ -530,7 +533,6 @@ def build_term_modules(
         )
         if term_batches is not None:
             ctx._term_values = _term_values_fn(distill, teacher, term, term_batches, student_inputs)
-        loss_module = loss_registry.build(term.spec.loss, **term.spec.params)
         if hasattr(loss_module, "configure"):
             loss_module.configure(ctx)
         distill.losses[term.name] = loss_module.to(device)

@@ -36,7 +36,12 @@ Precision and memory
     trainer: casting whole [B, T, V] logits to fp32 before the call would undo the saving).
     :func:`fused_linear_token_loss` goes further and never materialises the logits: from the final hidden states
     and the ``lm_head`` weights it computes, per chunk, both models' logits, the loss and the gradients for the
-    student's hidden states, weight and bias (Liger-Kernel's fused linear JSD idea, in plain PyTorch).
+    student's hidden states, weight and bias (Liger-Kernel's fused linear JSD idea, in plain PyTorch). In a
+    recipe, ``params: {from_hidden: true}`` with both taps ``hidden_states.-1`` (the final hidden states, the
+    output layer's input) uses it: the loss finds both output layers at set-up, the widths may differ, and since
+    no tap then reads the logits the trainer runs each model's output layer on the last position only
+    (``logits_to_keep=1``): the teacher's vocabulary-size logits are never made, nor the student's when its own
+    loss is off (``task_weight: 0``; with it, the student's loss needs its logits).
 
 Other vocabularies
     ``uld`` (Universal Logit Distillation) is registered with ``same_shape=False``: the teacher's logits may be
@@ -74,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DistillationError, LossParamError
-from .common import SparseLogits, check_number
+from .common import SparseLogits, check_bool, check_number
 from .registry import register_loss
 
 IGNORE_INDEX = -100  # Hugging Face's label for positions that carry no target (prompt, padding)
@@ -320,10 +325,46 @@ class _TokenLoss(nn.Module):
     accepts_half_inputs = True  # casts chunk by chunk: pass the logits in the models' dtype
     accepts_sparse_logits = True  # a cached top-k teacher is read as it is (module docstring)
 
-    def __init__(self, temperature: float = 1.0, chunk_size: int | None = None):
+    def __init__(self, temperature: float = 1.0, chunk_size: int | None = None, from_hidden: bool = False):
         super().__init__()
         self.temperature = check_number("temperature", temperature, minimum=0, exclusive=True)
         self.chunk_size = check_number("chunk_size", chunk_size, minimum=1, integer=True, allow_none=True)
+        self.from_hidden = check_bool("from_hidden", from_hidden)
+        self._heads: tuple[nn.Linear, nn.Linear] | None = None  # (student, teacher) output layers: not submodules
+
+    @property
+    def same_shape(self) -> bool:
+        """Logits must have equal shapes; final hidden states (``from_hidden``) may have two widths."""
+        return not self.from_hidden
+
+    def configure(self, ctx) -> None:
+        """``from_hidden``: find both models' output layers (``get_output_embeddings``) and check that the taps
+        are their inputs' width (the final hidden states)."""
+        if not self.from_hidden:
+            return
+        name = self.loss_name
+        if ctx.teacher is None:
+            raise DistillationError(f"{name}: from_hidden computes the teacher's logits from its final hidden states "
+                                    "and output layer, so it needs the teacher model, not a cache of its outputs")
+        heads = []
+        for who, model, shape, taps in (("student", ctx.student, ctx.student_shape, ctx.student_taps),
+                                        ("teacher", ctx.teacher, ctx.teacher_shape, ctx.teacher_taps)):
+            get = getattr(model, "get_output_embeddings", None)
+            head = get() if callable(get) else None
+            if not isinstance(head, nn.Linear):
+                raise DistillationError(f"{name}: from_hidden needs the {who}'s output layer (a causal LM's lm_head, "
+                                        f"from get_output_embeddings()); {type(model).__name__} has none")
+            if shape is None or shape[-1] != head.in_features:
+                raise DistillationError(
+                    f"{name}: with from_hidden the {who} tap {taps} must be the final hidden states, the input of "
+                    f"its output layer ({head.in_features} wide), got shape {None if shape is None else tuple(shape)}; "
+                    "tap `hidden_states.-1`"
+                )
+            heads.append(head)
+        if heads[0].out_features != heads[1].out_features:
+            raise DistillationError(f"{name}: the student's output layer has {heads[0].out_features} tokens and the "
+                                    f"teacher's {heads[1].out_features}: one shared vocabulary is needed")
+        self._heads = (heads[0], heads[1])
 
     def divergence(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -339,6 +380,16 @@ class _TokenLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                 num_items_in_batch=None) -> torch.Tensor:
+        if self.from_hidden:
+            if self._heads is None:
+                raise DistillationError(f"{self.loss_name}: from_hidden is set up by the trainer (configure); outside "
+                                        "a trainer call fused_linear_token_loss with the output layers' weights")
+            s_head, t_head = self._heads
+            return fused_linear_token_loss(
+                student, s_head.weight, teacher, t_head.weight, self.loss_name, labels=labels,
+                num_items_in_batch=num_items_in_batch, student_bias=s_head.bias, teacher_bias=t_head.bias,
+                temperature=self.temperature, beta=getattr(self, "beta", 0.5), alpha=getattr(self, "alpha", 0.1),
+                chunk_size=self.chunk_size)
         _check_logits(self.loss_name, student, teacher, labels)
         rows = causal_token_mask(labels).flatten().nonzero().squeeze(1).to(student.device)  # [N] of the B*T positions
         total = chunked_row_loss(student, teacher, rows, rows, self.row_loss, self.chunk_size)
@@ -407,8 +458,9 @@ class JSDLoss(_TokenLoss):
     weight (the paper's "behaves like forward / reverse KL"), not continuous in value. Default beta = 0.5, TRL's
     default (the symmetric JSD).""" + _SHARED_DOC
 
-    def __init__(self, beta: float = 0.5, temperature: float = 1.0, chunk_size: int | None = None):
-        super().__init__(temperature=temperature, chunk_size=chunk_size)
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, chunk_size: int | None = None,
+                 from_hidden: bool = False):
+        super().__init__(temperature=temperature, chunk_size=chunk_size, from_hidden=from_hidden)
         self.beta = check_number("beta", beta, minimum=0, maximum=1)
 
     def divergence(self, s, t):
@@ -457,8 +509,9 @@ class SkewKLLoss(_TokenLoss):
     gradients); we return the KL itself (0 when the student equals the teacher). Default alpha = 0.1, the
     paper's and the code's (``lam=0.1``).""" + _SHARED_DOC
 
-    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, chunk_size: int | None = None):
-        super().__init__(temperature=temperature, chunk_size=chunk_size)
+    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, chunk_size: int | None = None,
+                 from_hidden: bool = False):
+        super().__init__(temperature=temperature, chunk_size=chunk_size, from_hidden=from_hidden)
         self.alpha = _check_alpha(alpha)
 
     def divergence(self, s, t):
@@ -481,8 +534,9 @@ class SkewReverseKLLoss(_TokenLoss):
     identical to the authors' ``skewed_reverse_kl`` (``mixed = (1 - lam) teacher + lam student``); alpha = 0 is
     the reverse KL. Default alpha = 0.1.""" + _SHARED_DOC
 
-    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, chunk_size: int | None = None):
-        super().__init__(temperature=temperature, chunk_size=chunk_size)
+    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, chunk_size: int | None = None,
+                 from_hidden: bool = False):
+        super().__init__(temperature=temperature, chunk_size=chunk_size, from_hidden=from_hidden)
         self.alpha = _check_alpha(alpha)
 
     def divergence(self, s, t):
