@@ -1394,15 +1394,28 @@ def load_cached_teacher(recipe: Any, raw: Any, student: Any, task: str, load_mod
         raise RecipeError("teacher.cache", f"the teacher cache at {spec.cache} has no {TOKENIZER_DIR}/; build it with "
                           "`hfdistill cache`")
     # The deterministic view of the training data must be what the cache was built from.
-    plain = build_task_data(raw, task, student, loaded, "none", recipe.data.max_length)
+    augment = recipe.data.augment if recipe.data.augment != "auto" else raw.default_augment
+    if cache.views > 1:
+        # Augmented views: the training data's own augmentation, at view 0, must give the stored inputs.
+        from .trainer import augmentation_setter
+
+        plain = build_task_data(raw, task, student, loaded, recipe.data.augment, recipe.data.max_length)
+        set_view = augmentation_setter(plain.train)
+        if set_view is None or augment == "none":
+            raise RecipeError("data.augment", f"the teacher cache at {spec.cache} holds {cache.views} augmented views "
+                              f"(built with data.augment {cache.manifest['data'].get('training_augmentation')!r}), "
+                              f"replayed one per epoch, but this recipe's data is not augmented ({augment!r}); set "
+                              "data.augment as it was when the cache was built")
+        set_view(cache.set_view(0), int(cache.view_seed))
+    else:  # the deterministic view
+        plain = build_task_data(raw, task, student, loaded, "none", recipe.data.max_length)
     cache.inputs_fn = plain.teacher_inputs
     try:
         cache.verify_data(plain.train, plain.collator)
     except DistillationError as exc:
         raise RecipeError("teacher.cache", str(exc)) from None
     cache.inputs_fn = None  # the trainer sets the inputs mapping of the data it trains on
-    augment = recipe.data.augment if recipe.data.augment != "auto" else raw.default_augment
-    if info.inputs == "image" and augment != "none":
+    if info.inputs == "image" and augment != "none" and cache.views == 1:
         cache.augmented = True
         cache._warned = True  # said here, once
         warnings.warn(
@@ -1426,8 +1439,11 @@ def _preprocessing(teacher: Any, recipe: Any) -> dict:
 
 def cache_command(recipe_path: str, overrides: Sequence[str] = (), output: str | None = None,
                   logits_top_k: int | None = None, feature_dtype: str = "float16", batch_size: int = 64,
-                  progress: bool = True) -> str:
-    """``hfdistill cache``: load the recipe's teacher and training data as ``train`` does, build the cache."""
+                  progress: bool = True, views: int = 1) -> str:
+    """``hfdistill cache``: load the recipe's teacher and training data as ``train`` does, build the cache.
+
+    ``views`` > 1: that many augmented views of every example, drawn by the recipe's ``data.augment`` with the
+    recipe's ``training.seed`` as the view seed, replayed by training (one per epoch)."""
     from .run import _default_output_dir, _resolve_recipe, plan_run
 
     recipe, path = _resolve_recipe(recipe_path, overrides)
@@ -1442,8 +1458,14 @@ def cache_command(recipe_path: str, overrides: Sequence[str] = (), output: str |
         raise RecipeError("terms", str(exc)) from None
     if logits_top_k is not None and logits_top_k < 1:
         raise RecipeError("--logits_top_k", f"must be >= 1, got {logits_top_k}")
-    plain = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, augment="none"))
-    plan = plan_run(plain, path)
+    if views < 1:
+        raise RecipeError("--views", f"must be >= 1, got {views}")
+    if views > 1 and recipe.data.augment == "none":
+        raise RecipeError("data.augment", f"--views {views} caches augmented views of every example, and the recipe "
+                          "does not augment (data.augment: none); give an augmentation, or --views 1")
+    # The deterministic view (views 1), or the training data with its augmentation (views > 1).
+    built = recipe if views > 1 else dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, augment="none"))
+    plan = plan_run(built, path)
     if any(job.label == "teacher" for job in plan.jobs):
         raise RecipeError("teacher.train_from", f"the teacher {plan.teacher_folder} does not exist yet; train it "
                           f"first (`hfdistill train {recipe_path}` trains it before the student), then build the cache")
@@ -1458,7 +1480,7 @@ def cache_command(recipe_path: str, overrides: Sequence[str] = (), output: str |
         device="cpu" if use_cpu else None, progress=progress,
         teacher_name=recipe.teacher.name, teacher_revision=recipe.teacher.revision,
         preprocessing=_preprocessing(plan.teacher, recipe), augmentation=recipe.data.augment,
-        tokenizer=plan.teacher.tokenizer,
+        tokenizer=plan.teacher.tokenizer, views=views, view_seed=int(recipe.training.get("seed", 42)),
     )
     return folder
 

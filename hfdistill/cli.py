@@ -4,7 +4,7 @@
     hfdistill check RECIPE.yaml [--dotted.key value ...]   validate, load models and data, build every
                                                           stage's trainer (dry run); train and write nothing
     hfdistill cache RECIPE.yaml [--output DIR] [--logits_top_k K] [--feature_dtype float16|float32]
-                    [--batch_size N] [--dotted.key value ...]     run the teacher once over the training
+                    [--batch_size N] [--views N] [--dotted.key value ...]     run the teacher once over the training
                                                           data and store what the terms read (hfdistill.cache)
     hfdistill generate RECIPE.yaml [--output DIR] [--max_new_tokens N] [--batch_size B] [--do_sample]
                        [--temperature T] [--top_p P] [--seed S] [--shard_size N] [--dotted.key value ...]
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--feature_dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                        help="dtype of the stored features (default float16; logits are always float32)")
     cache.add_argument("--batch_size", type=int, default=64, metavar="N", help="teacher batch size (default 64)")
+    cache.add_argument("--views", type=int, default=1, metavar="N",
+                       help="N augmented views of every example, replayed one per epoch (FKD; default 1: unaugmented)")
     generate = commands.add_parser(
         "generate", parents=[debug], help="sequence-level KD: write the teacher's completions of the training prompts as a dataset",
         description="Sequence-level knowledge distillation (Kim & Rush, EMNLP 2016, arXiv:1606.07947) for "
@@ -200,7 +202,7 @@ def _cache_command(args: argparse.Namespace, overrides: list[str]) -> None:
 
     _print(f"building the teacher cache of {args.recipe}")
     folder = cache_command(args.recipe, overrides, output=args.output, logits_top_k=args.logits_top_k,
-                           feature_dtype=args.feature_dtype, batch_size=args.batch_size)
+                           feature_dtype=args.feature_dtype, batch_size=args.batch_size, views=args.views)
     _print(cache_usage(folder, args.recipe))
 
 

@@ -663,3 +663,31 @@ def test_views_need_data_that_replays_its_augmentation(tmp_path, data, teacher):
     with pytest.raises(DistillationError, match="no reproducible augmentation"):
         DistillationTrainer(model=tiny_timm(seed=2), teacher=TeacherCache(folder), recipe={"terms": [{"loss": "kd"}]},
                             args=make_args(tmp_path / "run"), train_dataset=data)
+
+
+def test_cli_cache_of_augmented_views_then_train_replaying_them(tmp_path, capsys):
+    """`hfdistill cache --views 2` on a recipe that augments (digits: random crops); `hfdistill train` with the
+    cache replays view epoch % 2 without a warning; a recipe without augmentation is refused for views."""
+    import warnings as warnings_module
+
+    from test_cli import tiny_recipe, write
+
+    from hfdistill.cli import main
+
+    recipe = tiny_recipe(tmp_path)
+    recipe["training"].update(num_train_epochs=3, max_steps=-1)
+    path = write(tmp_path, recipe)
+    folder = tmp_path / "cache"
+    assert main(["cache", path, "--output", str(folder), "--views", "2"]) == 0
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    assert manifest["data"]["views"] == 2 and manifest["data"]["rows"] == 2 * manifest["data"]["num_examples"]
+    assert manifest["data"]["view_seed"] == recipe["training"].get("seed", 42)
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("error", UserWarning)  # no "augmented while the cache holds one view" warning
+        assert main(["train", path, "--teacher", f"{{cache: {folder}}}"]) == 0
+    assert "student (distilled)" in capsys.readouterr().out
+    again = ["--training.overwrite_output_dir", "true"]
+    assert main(["train", path, "--teacher", f"{{cache: {folder}}}", "--data.augment", "none", *again]) == 2
+    assert "holds 2 augmented views" in " ".join(capsys.readouterr().err.split())
+    assert main(["cache", path, "--output", str(tmp_path / "c2"), "--views", "2", "--data.augment", "none"]) == 2
+    assert main(["cache", path, "--output", str(tmp_path / "c2"), "--views", "0"]) == 2
