@@ -37,7 +37,6 @@ later invocation with the same settings reuses it (its recorded time and perplex
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -49,19 +48,15 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import cpu_name, load_average, log, quiet  # noqa: E402  (the offline environment first)
 
 import torch  # noqa: E402
 
@@ -120,14 +115,7 @@ def threads() -> int:
 
 
 def machine() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import transformers
 
     return {
@@ -142,21 +130,10 @@ def machine() -> dict[str, str]:
     }
 
 
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:  # pragma: no cover - platforms without a load average
-        return float("nan")
-
-
 def machine_line(info: dict[str, str]) -> str:
     return (f"{info['cpu']}, {info['cores']} logical cores, torch threads {info['torch_threads']}; torch "
             f"{info['torch']}, transformers {info['transformers']}, hfdistill {info['hfdistill']}, Python "
             f"{info['python']}; GPU: {info['gpu']}")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # ------------------------------------------------------------------------------------ the rows
@@ -503,21 +480,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seeds = list(dict.fromkeys(args.seeds))
     args.losses = list(dict.fromkeys(args.losses))
     return args
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """transformers' info and warnings and Python warnings off for the run, restored afterwards."""
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,15 +43,12 @@ import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import cpu_name, load_average, log  # noqa: E402  (the offline environment first)
 
 import torch  # noqa: E402
 
@@ -197,26 +194,8 @@ def describe_terms(spec: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ running
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:  # pragma: no cover - platforms without a load average
-        return float("nan")
-
-
 def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import timm
     import transformers
 
@@ -382,7 +361,7 @@ def write_report(path: Path, records: list[dict], specs: dict, info: dict, chart
         f"first stage's epochs. Seeds {info['main_seeds']} for {', '.join(MAIN_METHODS)}; seed {FIRST_SEED} for "
         "the rest. Same student initialisation per seed in every row.",
         f"- **Machine**: {info['machine']['cpu']}, {info['machine']['cores']} cores (1-minute load average "
-        f"{_load():.1f} when this was written; a load above the core count would mean other work shared the cores "
+        f"{load_average():.1f} when this was written; a load above the core count would mean other work shared the cores "
         f"and inflated the times), torch {info['machine']['torch']}, transformers {info['machine']['transformers']}, timm "
         f"{info['machine']['timm']}, GPU: {info['machine']['gpu']}.",
         f"- **Total run time**: {info['total_seconds'] / 60:.1f} min" + (" (still running)" if info.get("running") else "")

@@ -49,7 +49,6 @@ shuffling and the FitNet regressor's initialisation, so the range is the seed no
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -61,20 +60,16 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import cpu_name, quiet  # noqa: E402  (the offline environment first)
 
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
@@ -628,13 +623,7 @@ def versions() -> dict[str, str]:
 
 def machine() -> str:
     """CPU model, logical cores, torch threads and the library versions."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = names[0]
-    cores = os.cpu_count()
+    cpu, cores = cpu_name(), os.cpu_count()
     found = ", ".join(f"{k} {v}" for k, v in versions().items())
     return f"{cpu}, {cores} logical cores, torch threads {torch.get_num_threads()}; {found}"
 
@@ -751,19 +740,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tiny:
         args.examples, args.epochs, args.rounds, args.teacher_epochs = 64, 1, 1, 0
     return args
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """transformers' info and warnings and Python warnings off for the run, restored afterwards."""
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def main(argv: list[str] | None = None) -> int:

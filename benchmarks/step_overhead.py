@@ -37,7 +37,6 @@ All weights are random (no download); the timing does not depend on them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import datetime
 import gc
@@ -49,20 +48,16 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import cpu_name, quiet  # noqa: E402  (the offline environment first)
 
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -421,12 +416,7 @@ def log(text: str) -> None:
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = names[0]
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "no GPU used"
     return (f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; {gpu}; python "
             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -521,19 +511,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tiny:
         args.rounds, args.steps, args.warmup, args.leak_steps = 1, 2, 1, min(args.leak_steps, 10)
     return args
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """transformers' info and warnings and Python warnings off for the run, restored afterwards."""
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,58 @@
+"""What the benchmark scripts share: an offline, quiet environment and a description of the machine.
+
+Imported before transformers (``from benchmarks._common import ...`` once the repository root is on
+``sys.path``): the environment defaults below must be set before the Hugging Face libraries read them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+import warnings
+from typing import Iterator
+
+# Nothing is downloaded, nothing is reported anywhere, tokenizers do not fork threads of their own.
+for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+                      ("WANDB_DISABLED", "true"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_name, _value)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def load_average() -> float:
+    """The 1-minute load average (NaN where the platform has none): above the core count, times are inflated."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover - platforms without a load average
+        return float("nan")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """transformers' info and warnings and Python warnings off for the run, restored afterwards."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
