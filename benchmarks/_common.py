@@ -31,6 +31,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def machine_info(**versions: str) -> dict[str, str]:
+    """The machine and the library versions a result was measured with (``versions``: more, e.g. timm's)."""
+    import torch
+    import transformers
+
+    return {
+        "cpu": cpu_name(),
+        "cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        **versions,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)",
+    }
+
+
 def load_average() -> float:
     """The 1-minute load average (NaN where the platform has none): above the core count, times are inflated."""
     try:

@@ -41,7 +41,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -56,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import cpu_name, load_average, log, quiet  # noqa: E402  (the offline environment first)
+from benchmarks._common import load_average, log, machine_info, quiet  # noqa: E402  (the offline environment first)
 
 import torch  # noqa: E402
 
@@ -115,19 +114,7 @@ def threads() -> int:
 
 
 def machine() -> dict[str, str]:
-    cpu = cpu_name()
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "hfdistill": getattr(hfdistill, "__version__", "unknown"),
-        "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)",
-    }
+    return machine_info(hfdistill=getattr(hfdistill, "__version__", "unknown"))
 
 
 def machine_line(info: dict[str, str]) -> str:

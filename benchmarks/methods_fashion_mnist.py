@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import cpu_name, load_average, log  # noqa: E402  (the offline environment first)
+from benchmarks._common import load_average, log, machine_info  # noqa: E402  (the offline environment first)
 
 import torch  # noqa: E402
 
@@ -195,20 +194,9 @@ def describe_terms(spec: dict) -> str:
 
 # ------------------------------------------------------------------------------------ running
 def machine() -> dict[str, str]:
-    cpu = cpu_name()
     import timm
-    import transformers
 
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)",
-    }
+    return machine_info(timm=timm.__version__)
 
 
 def length_overrides(args: argparse.Namespace) -> dict:
