@@ -180,22 +180,15 @@ class Term:
     teacher_taps: list[str]
     is_list: bool  # the term reads lists of taps
     fields: tuple[str, ...]
+    # The loss casts to fp32 itself, piece by piece (token losses over [B, T, vocabulary] logits): its taps reach
+    # it in the models' dtype, never as whole fp32 copies.
+    accepts_half_inputs: bool = False
+    # The loss reads a cached teacher's top-k logits (SparseLogits) as they are; other losses get full logits.
+    accepts_sparse_logits: bool = False
 
     @property
     def weight(self) -> float:
         return self.spec.weight
-
-    @property
-    def accepts_half_inputs(self) -> bool:
-        """The loss casts to fp32 itself, piece by piece (token losses over [B, T, vocabulary] logits): its
-        taps reach it in the models' dtype, never as whole fp32 copies."""
-        return bool(getattr(loss_registry.get_info(self.spec.loss).cls, "accepts_half_inputs", False))
-
-    @property
-    def accepts_sparse_logits(self) -> bool:
-        """The loss reads a cached teacher's top-k logits (:class:`SparseLogits`) as they are; every other
-        loss gets them as full logits."""
-        return bool(getattr(loss_registry.get_info(self.spec.loss).cls, "accepts_sparse_logits", False))
 
 
 def _taps_of(value: str | list[str] | None, default: str | None) -> tuple[list[str], bool]:
@@ -216,7 +209,9 @@ def resolve_terms(specs: list[TermSpec]) -> list[Term]:
             raise RuntimeError(f"loss {spec.loss!r} declares unknown fields {unknown}; known: {sorted(LOSS_FIELDS)}")
         student_taps, is_list = _taps_of(spec.student, info.default_tap)
         teacher_taps, _ = _taps_of(spec.teacher, info.default_tap)
-        terms.append(Term(term_name(spec, index, specs), spec, student_taps, teacher_taps, is_list, tuple(info.fields)))
+        terms.append(Term(term_name(spec, index, specs), spec, student_taps, teacher_taps, is_list, tuple(info.fields),
+                          accepts_half_inputs=bool(getattr(info.cls, "accepts_half_inputs", False)),
+                          accepts_sparse_logits=bool(getattr(info.cls, "accepts_sparse_logits", False))))
     return terms
 
 
