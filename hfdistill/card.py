@@ -45,6 +45,7 @@ TASK_OF_ARCHITECTURE = (
     ("ForTokenClassification", "token-classification"),
     ("ForQuestionAnswering", "question-answering"),
     ("ForCausalLM", "text-generation"),
+    ("ForSemanticSegmentation", "image-segmentation"),
     ("ForMaskedLM", "fill-mask"),
     ("ForConditionalGeneration", "text2text-generation"),
     ("ForAudioClassification", "audio-classification"),
@@ -55,6 +56,7 @@ EXAMPLE_INPUT = {
     "token-classification": '"My name is Clara and I live in Berkeley."',
     "fill-mask": '"Paris is the [MASK] of France."',
     "text-generation": '"Once upon a time"',
+    "image-segmentation": '"https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/pipeline-cat-chonk.jpeg"',
 }
 
 
@@ -67,6 +69,14 @@ def read_json(path: str | os.PathLike) -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _pipeline_tag(tag: str | None) -> str | None:
+    """A pipeline tag, or a recipe's task name turned into its pipeline tag (semantic-segmentation ->
+    image-segmentation, from the tasks table)."""
+    from .tasks import TASKS
+
+    return TASKS[tag].pipeline_tag if tag in TASKS else tag
 
 
 def task_of_architecture(architecture: str | None) -> str | None:
@@ -303,6 +313,7 @@ def build_model_card(
     plots: list[Mapping[str, Any]] | None = None,
     plots_note: str | None = None,
     data_summary: str | None = None,
+    data_note: str | None = None,
     **unused: Any,
 ):
     """The model card of a distilled student, as a validated ``huggingface_hub.ModelCard``.
@@ -338,10 +349,12 @@ def build_model_card(
         plots: pictures in the student folder, ``{"path" (relative), "alt", "caption", "kind"}``
             (:func:`hfdistill.plots.write_run_plots`); ``kind`` ``losses`` goes with the recipe, the rest with
             the results. plots_note: one line shown instead (e.g. matplotlib is not installed).
+        data_note: a sentence about the data shown with the results (synthetic scenes say so).
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     recipe_data = _recipe_data(recipe)
+    pipeline_tag = _pipeline_tag(pipeline_tag)
     student_eval, teacher_from_student = split_metrics(student_metrics)
     # Teacher metrics may come bare (`accuracy`), as evaluate() logs them (`eval_teacher_accuracy`) or as `eval_*`.
     teacher_plain, teacher_prefixed = split_metrics(teacher_metrics)
@@ -405,7 +418,8 @@ def build_model_card(
     hyper_rows = [[f"`{k}`", str(v)] for k, v in (training_hyperparameters or {}).items() if v is not None]
 
     snippet_input = EXAMPLE_INPUT.get(pipeline_tag or "", '"..."')
-    variable = "classifier" if pipeline_tag and "classification" in pipeline_tag else "pipe"
+    variable = ("classifier" if pipeline_tag and "classification" in pipeline_tag else
+                "segmenter" if pipeline_tag == "image-segmentation" else "pipe")
     snippet = f'{variable} = pipeline("{pipeline_tag}", model="{model_id}")\n{variable}({snippet_input})'
     if chat and pipeline_tag == "text-generation":  # its tokenizer has a chat template: a conversation works too
         snippet += (f'\n{variable}([{{"role": "user", "content": "What is your favorite food?"}}], max_new_tokens=40)'
@@ -418,6 +432,7 @@ def build_model_card(
         "student_pretrained": student_pretrained,
         "dataset": dataset,
         "data_summary": data_summary,
+        "data_note": data_note,
         "loss_formula": formula,
         "terms_table": terms_table,
         "papers": papers,

@@ -3,12 +3,13 @@
 Two steps:
 
 1. :func:`load_raw_data` gives a train and an eval split with an image or text column and integer
-   labels, from a built-in offline source (``sklearn-digits``, ``fashion-mnist``,
-   ``chatterbot-corpus``), ``imagefolder``, ``csv``/``json`` files, a ``datasets`` Hub id, or a
-   ``DatasetDict`` passed from Python. A validation split is made (seeded) when there is none.
+   labels (or segmentation maps), from a built-in offline source (``sklearn-digits``, ``fashion-mnist``,
+   ``chatterbot-corpus``, ``fashion-mnist-scenes``), ``imagefolder``, ``csv``/``json`` files, a folder written
+   by ``save_to_disk`` (``disk``), a ``datasets`` Hub id, or a ``DatasetDict`` passed from Python. A validation
+   split is made (seeded) when there is none.
 2. :func:`build_task_data` turns the splits into model inputs with the task's data builder (the
    table in :mod:`hfdistill.tasks`: :func:`image_classification_data`, :func:`text_classification_data`,
-   :func:`causal_lm_data`)
+   :func:`causal_lm_data`, :func:`hfdistill.data_dense.segmentation_data`)
    and the preprocessing of the models themselves: image size, channels, mean and std from the student's config (the teacher's inputs are
    re-normalised/resized on the device when its config differs), and each model's own tokenizer.
 
@@ -37,18 +38,20 @@ from .models import ImageConfig, LoadedModel
 from .recipe import DataSpec
 from .tasks import IMAGE_COLUMNS, LABEL_COLUMNS, TEXT_COLUMNS, get_task  # noqa: F401 - column names re-exported
 
-BUILTIN_SOURCES = ("sklearn-digits", "fashion-mnist", "chatterbot-corpus")
+BUILTIN_SOURCES = ("sklearn-digits", "fashion-mnist", "chatterbot-corpus", "fashion-mnist-scenes")
 # The `data.*` fields each built-in source reads besides the sizes, seeds and augmentation every source
 # has; the others do not apply to it (recipe validation refuses them rather than ignore them).
 BUILTIN_SOURCE_FIELDS = {
     "sklearn-digits": ("validation_fraction",),
     "fashion-mnist": ("data_dir",),
     "chatterbot-corpus": ("options", "validation_fraction", "train_split"),
+    "fashion-mnist-scenes": ("data_dir", "options"),
 }
 SOURCE_AGNOSTIC_FIELDS = ("name", "seed", "image_size", "max_length", "max_train_samples", "max_eval_samples", "augment",
                           "completion_only_loss", "packing")
-FILE_SOURCES = ("imagefolder", "csv", "json")
-AUGMENTATIONS = ("none", "crop", "crop_flip", "rrc_flip")
+FILE_SOURCES = ("imagefolder", "csv", "json", "disk")
+# flip: random horizontal flips only (segmentation flips the image and its map together).
+AUGMENTATIONS = ("none", "crop", "crop_flip", "rrc_flip", "flip")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_LABELS = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -86,6 +89,11 @@ class RawData:
     lm_format: str | None = None
     completion_only_loss: bool = True
     packing: bool = False
+    # Semantic segmentation: whether the maps' 0 means "no label" and class k is stored as k + 1 (None: as the
+    # student's image processor says), and a sentence the summary and the card show about the data (synthetic
+    # scenes say so).
+    reduce_labels: bool | None = None
+    note: str | None = None
 
     @property
     def num_labels(self) -> int:
@@ -212,9 +220,41 @@ def chatterbot_chats(language: str = "english", topics: Sequence[str] | None = N
     return datasets.Dataset.from_dict({"messages": chats})
 
 
+def is_saved_dataset(folder: str | os.PathLike | None) -> bool:
+    """Whether ``folder`` holds a ``Dataset``/``DatasetDict`` written by ``save_to_disk``."""
+    if not folder or not os.path.isdir(folder):
+        return False
+    return (os.path.isfile(os.path.join(folder, "dataset_dict.json"))
+            or os.path.isfile(os.path.join(folder, "state.json")) and os.path.isfile(os.path.join(folder, "dataset_info.json")))
+
+
+def _load_from_disk(spec: DataSpec):
+    """``data: {name: disk, data_dir: FOLDER}`` (or ``name: FOLDER``): what ``save_to_disk`` wrote there."""
+    import datasets
+
+    folder = spec.data_dir if spec.name == "disk" else spec.name
+    where = "data.data_dir" if spec.name == "disk" else "data.name"
+    if not folder:
+        raise RecipeError("data.data_dir", "`disk` needs `data_dir`: a folder written by Dataset.save_to_disk or "
+                          "DatasetDict.save_to_disk")
+    if not os.path.isdir(folder):
+        raise RecipeError(where, f"folder {folder!r} does not exist")
+    if not is_saved_dataset(folder):
+        raise RecipeError(where, f"{folder!r} is not a folder written by save_to_disk (it has no dataset_dict.json, "
+                          "nor state.json with dataset_info.json)")
+    if spec.options:
+        raise RecipeError("data.options", f"`disk` takes no options; got {sorted(spec.options)}")
+    try:
+        return datasets.load_from_disk(folder)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(where, f"cannot read the saved dataset in {folder!r}: {exc}") from None
+
+
 def _load_datasets_source(spec: DataSpec):
     import datasets
 
+    if spec.name == "disk" or is_saved_dataset(spec.name):
+        return _load_from_disk(spec)
     try:
         if spec.name == "imagefolder":
             if not spec.data_dir:
@@ -344,7 +384,17 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
         raise RecipeError("data.augment", f"unknown augmentation {spec.augment!r}; allowed: auto, {', '.join(AUGMENTATIONS)}")
     info = get_task(task)
     image_task = info.inputs == "image"
+    if dataset is None and spec.name == "fashion-mnist-scenes":
+        if info.targets != "maps":
+            raise RecipeError("data.name", f"fashion-mnist-scenes is a segmentation dataset (images and their "
+                              f"segmentation maps) but the recipe's task is {task!r}; use task: semantic-segmentation")
+        from .data_dense import scenes_source
+
+        dataset = scenes_source(spec)
     if dataset is None and spec.name in ("sklearn-digits", "fashion-mnist"):
+        if info.targets == "maps":
+            raise RecipeError("data.name", f"{spec.name} has one class per image, no segmentation maps; a "
+                              "semantic-segmentation recipe needs images with maps (e.g. fashion-mnist-scenes)")
         if not image_task:
             raise RecipeError("data.name", f"{spec.name} is an image dataset but the recipe's task is {task!r}")
         if spec.name == "sklearn-digits":
@@ -391,6 +441,10 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
 
     if info.targets == "tokens":
         return _language_modelling_raw(spec, train, evaluation, info, seed, keep_columns)
+    if info.targets == "maps":
+        from .data_dense import segmentation_raw
+
+        return segmentation_raw(spec, train, evaluation, info, seed, dataset)
     columns = train.column_names
     if image_task:
         input_column = _pick_column(columns, spec.image_column, info.input_columns, "image_column", "the images")
@@ -614,7 +668,7 @@ class ImageTransform:
         x = _match_channels(x.float() / 255.0, self.image.channels)
         if self.augment in ("crop", "crop_flip"):
             x = _random_crop(x, padding=max(1, self.image.size[0] // 8), generators=generators)
-        if self.augment in ("crop_flip", "rrc_flip"):
+        if self.augment in ("crop_flip", "rrc_flip", "flip"):
             if generators is None:
                 flip = torch.rand(x.shape[0]) < 0.5
             else:

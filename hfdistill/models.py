@@ -470,7 +470,8 @@ def _real_labels(id2label: dict[int, str] | None) -> dict[int, str] | None:
 
 
 def _load_transformers(
-    spec: ModelSpec, name: str, path: str, role: str, task: str, num_labels: int | None, id2label: dict | None
+    spec: ModelSpec, name: str, path: str, role: str, task: str, num_labels: int | None, id2label: dict | None,
+    image_size: int | None = None,
 ) -> LoadedModel:
     import transformers
     from transformers import AutoConfig
@@ -555,6 +556,8 @@ def _load_transformers(
                 f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
                 + (" or leave `vocab_size` out of `config` (it then fits the tokenizer)" if fresh else ""),
             )
+    elif fresh:  # no processor config to read: one of the model type's own, at the data's size
+        _attach_fresh_image_processor(loaded, name, spec, path, spec.image_size or image_size)
     else:
         _attach_image_processor(loaded, name, spec, path)
     return loaded
@@ -705,6 +708,12 @@ def _attach_image_processor(loaded: LoadedModel, name: str, spec: ModelSpec, pat
             f"{name!r} has no image processor config (preprocessor_config.json), so its input size and "
             "normalisation are unknown; use a model folder that has one, or a timm model",
         ) from None
+    _set_image_config(loaded, processor, spec)
+
+
+def _set_image_config(loaded: LoadedModel, processor: Any, spec: ModelSpec) -> None:
+    """The model's ImageConfig from its image processor (``spec.image_size`` resizes it), and the processor kept
+    to be saved with it."""
     size = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
     height = size.get("height") or size.get("shortest_edge") or 224
     width = size.get("width") or size.get("shortest_edge") or height
@@ -716,6 +725,42 @@ def _attach_image_processor(loaded: LoadedModel, name: str, spec: ModelSpec, pat
     channels = getattr(loaded.model.config, "num_channels", len(mean))
     loaded.image_config = ImageConfig(size=(height, width), channels=channels, mean=mean, std=std)
     loaded._image_processor = processor
+
+
+def fresh_image_processor(model_type: str, size: int | None = None) -> Any:
+    """A new image processor of a transformers model type (its torchvision one, else its PIL one), resizing to
+    ``size x size`` when given (and cropping to it, for a processor that crops), with ``do_reduce_labels`` off where
+    it has one (hfdistill's data maps the labels itself); None when the model type has no image processor."""
+    from transformers.models.auto.image_processing_auto import (IMAGE_PROCESSOR_MAPPING_NAMES,
+                                                                get_image_processor_class_from_name)
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
+    if isinstance(names, dict):  # transformers 5: {"torchvision": ..., "pil": ...}
+        candidates = [names.get("torchvision"), names.get("pil")]
+    else:  # (slow, fast)
+        candidates = list(names or ())[::-1]
+    cls = next((c for c in (get_image_processor_class_from_name(n) for n in candidates if n) if c is not None), None)
+    if cls is None:
+        return None
+    kwargs: dict[str, Any] = {}
+    if size:
+        kwargs["size"] = {"height": int(size), "width": int(size)}
+        if getattr(cls, "crop_size", None) is not None:
+            kwargs["crop_size"] = {"height": int(size), "width": int(size)}
+    if hasattr(cls, "do_reduce_labels"):
+        kwargs["do_reduce_labels"] = False
+    return cls(**kwargs)
+
+
+def _attach_fresh_image_processor(loaded: LoadedModel, model_type: str, spec: ModelSpec, path: str,
+                                  size: int | None) -> None:
+    """A model built from a config gets a new image processor of its type (saved with it, so that ``pipeline()``
+    reads it), at ``size`` (the model's or the data's ``image_size``; else the processor's default)."""
+    processor = fresh_image_processor(model_type, size)
+    if processor is None:
+        raise RecipeError(f"{path}.name", f"transformers has no image processor for the model type {model_type!r}, "
+                          "so its input size and normalisation are unknown; name a model folder or id that has one")
+    _set_image_config(loaded, processor, spec)
 
 
 def resolve_model_name(spec: ModelSpec, path: str) -> str:
@@ -775,7 +820,7 @@ def load_model(
                 raise RecipeError(f"{path}.name", f"{name!r} is a timm model name; write it as `timm:{name}`")
         except ImportError:  # pragma: no cover - timm is a dependency
             pass
-        loaded = _load_transformers(spec, name, path, role, task, num_labels, id2label)
+        loaded = _load_transformers(spec, name, path, role, task, num_labels, id2label, image_size)
     if task == "image-classification" and loaded.is_timm:
         size = spec.image_size or image_size
         loaded.image_config = _timm_image_config(loaded.model, size)

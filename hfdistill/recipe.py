@@ -205,9 +205,12 @@ class DataSpec:
     """Where the examples come from; `hfdistill.data` turns it into datasets."""
 
     name: str = field(
-        metadata={"help": "sklearn-digits, fashion-mnist, chatterbot-corpus, imagefolder, csv, json, or a datasets id"}
+        metadata={"help": "sklearn-digits, fashion-mnist, chatterbot-corpus, fashion-mnist-scenes, imagefolder, csv, "
+                  "json, disk (a folder written by save_to_disk, as data_dir), or a datasets id"}
     )
-    data_dir: Union[str, None] = field(default=None, metadata={"help": "folder for imagefolder / local files"})
+    data_dir: Union[str, None] = field(
+        default=None, metadata={"help": "folder for imagefolder / disk / local files (fashion-mnist: its idx files)"}
+    )
     data_files: Union[str, list[str], dict, None] = field(default=None, metadata={"help": "csv/json file(s)"})
     train_split: str = field(default="train", metadata={"help": "split used for training"})
     eval_split: Union[str, None] = field(
@@ -224,7 +227,9 @@ class DataSpec:
     )
     image_column: Union[str, None] = field(default=None, metadata={"help": "column holding images"})
     text_column: Union[str, None] = field(default=None, metadata={"help": "column holding text"})
-    label_column: Union[str, None] = field(default=None, metadata={"help": "column holding labels"})
+    label_column: Union[str, None] = field(
+        default=None, metadata={"help": "column holding labels (semantic segmentation: the segmentation maps)"}
+    )
     image_size: Union[int, None] = field(default=None, metadata={"help": "input resolution (default: the model's)"})
     max_length: int = field(default=128, metadata={"help": "maximum tokens per text example"})
     max_train_samples: Union[int, None] = field(default=None, metadata={"help": "use at most this many examples"})
@@ -232,10 +237,24 @@ class DataSpec:
     augment: str = field(
         default="auto",
         metadata={"help": "training augmentation of images: none, crop (pad and random crop), crop_flip (and "
-                  "horizontal flips), rrc_flip (random resized crop and flips, ImageNet style); auto: the source's "
-                  "default (crop for digits, crop_flip otherwise)"},
+                  "horizontal flips), rrc_flip (random resized crop and flips, ImageNet style), flip (horizontal "
+                  "flips only; semantic segmentation flips each image with its map: none or flip); auto: the "
+                  "source's default (crop for digits, flip for segmentation, crop_flip otherwise)"},
     )
     options: dict = field(default_factory=dict, metadata={"help": "source-specific options (e.g. topics)"})
+    # Semantic segmentation (task: semantic-segmentation) only.
+    label_names: Union[list[str], None] = field(
+        default=None,
+        metadata={"help": "semantic-segmentation: the class names, in class-index order (map value i is class i), "
+                  "for data whose maps carry no names (default: the dataset's own, an id2label.json beside a saved "
+                  "dataset, else a segmentation model's id2label)"},
+    )
+    reduce_labels: Union[bool, None] = field(
+        default=None,
+        metadata={"help": "semantic-segmentation: the maps' 0 means `no label` (ignored: it becomes 255) and class "
+                  "k is stored as k + 1 (it becomes k), as in ADE20K (default: the student image processor's "
+                  "`do_reduce_labels`)"},
+    )
     # Language modelling (task: text-generation) only.
     prompt_column: Union[str, None] = field(
         default=None, metadata={"help": "text-generation: column holding the prompts of prompt/completion pairs "
@@ -545,6 +564,8 @@ def _validate_cache_spec(spec: ModelSpec, path: str) -> None:
 # DataSpec fields that only language modelling reads, with their defaults (refused, not ignored, elsewhere).
 LANGUAGE_MODELLING_DATA_FIELDS = {"prompt_column": None, "completion_column": None, "messages_column": None,
                                   "completion_only_loss": True, "packing": False}
+# DataSpec fields that only semantic segmentation reads, with their defaults.
+SEGMENTATION_DATA_FIELDS = {"label_names": None, "reduce_labels": None}
 
 
 def _validate_data(data: DataSpec, task: Union[str, None] = None) -> None:
@@ -556,6 +577,18 @@ def _validate_data(data: DataSpec, task: Union[str, None] = None) -> None:
             if getattr(data, key) != default:
                 raise RecipeError(f"data.{key}", f"applies to language modelling (task: text-generation), not to "
                                   f"{task}; remove it")
+    if task in TASK_TABLE and TASK_TABLE[task].targets != "maps":
+        for key, default in SEGMENTATION_DATA_FIELDS.items():
+            if getattr(data, key) != default:
+                raise RecipeError(f"data.{key}", f"applies to semantic segmentation (task: semantic-segmentation), "
+                                  f"not to {task}; remove it")
+    if data.label_names is not None:
+        names = data.label_names
+        if (not isinstance(names, list) or len(names) < 2
+                or not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names)):
+            raise RecipeError("data.label_names", f"must be a list of 2 or more class names, got {names!r}")
+        if len({str(n) for n in names}) != len(names):
+            raise RecipeError("data.label_names", "names a class twice; give each class a distinct name")
 
     if not data.name.strip():
         raise RecipeError("data.name", "is empty; name a dataset (a Hub id, a built-in set such as `sklearn-digits`, "

@@ -363,6 +363,10 @@ def plan_run(recipe: Recipe, recipe_path: str | None = None, dataset: Any = None
         make_args(stage_run.training, f"stages[{stage_run.index}].training" if recipe.stages else "training")
     seed = int(recipe.training.get("seed", 42))
     raw = load_raw_data(recipe.data, task.name, seed=recipe.data.seed, dataset=dataset)
+    if task.targets == "maps":  # maps without class names: a segmentation model's, else those found in the maps
+        from .data_dense import complete_label_names
+
+        complete_label_names(raw, recipe)
     id2label = dict(enumerate(raw.label_names))
     data_size = recipe.data.image_size
 
@@ -516,6 +520,7 @@ def build_trainer(job: Job, plan: Plan, stage: StageRun, *, model: Any = None, t
         compute_metrics=plan.task.compute_metrics,
         # a language model's eval: per-token losses, not [B, T, vocabulary] logits kept for the whole set
         preprocess_logits_for_metrics=getattr(plan.task, "preprocess_logits", None),
+        task_loss=plan.task.loss,  # for a student that returns no loss itself
         teacher_inputs=job.data.teacher_inputs if teacher_model is not None else None,
         id2label=dict(enumerate(plan.label_names)),
         timm_model_args=loaded.timm_model_args,
@@ -1045,6 +1050,7 @@ def _write_card(plan: Plan, command: str | None) -> None:
     if plan.recipe.stages:
         info["stages"] = stage_table(final)
     info["data_summary"] = _tokens_seen(final)
+    info["data_note"] = (getattr(final.data, "stats", None) or {}).get("note")  # e.g. synthetic data, said so
     info.update(_result_extras(plan, batch))
     main_id = os.path.basename(os.path.abspath(plan.output_dir))
     if final.peers:  # their metrics beside the student's, and where they are (relative: no local paths)
@@ -1158,6 +1164,9 @@ def summarise(plan: Plan) -> str:
     metric = plan.task.metric
     lines = [f"Summary ({len(eval_ds)} eval examples; latency measured on this machine, "
              f"{_device_name(final.trainer)})", format_summary(rows, metric=metric)]
+    note = (getattr(final.data, "stats", None) or {}).get("note")
+    if note:  # e.g. synthetic data: said wherever its results are shown
+        lines.append(note)
     if len(final.stages) > 1:
         lines.append("")
         lines.append(f"Stages of the {final.label}:")
@@ -1185,7 +1194,8 @@ def summarise(plan: Plan) -> str:
         lines += [f"  {peer.name} = {plan.task.auto_class}.from_pretrained({peer.output_dir!r})" for peer in final.peers]
     else:
         lines.append("  from transformers import pipeline")
-        name = "generator" if plan.task.pipeline_tag == "text-generation" else "classifier"
+        name = {"text-generation": "generator", "image-segmentation": "segmenter"}.get(plan.task.pipeline_tag,
+                                                                                    "classifier")
         lines.append(f"  {name} = pipeline({plan.task.pipeline_tag!r}, model={plan.output_dir!r})")
         lines += [f"  {peer.name} = pipeline({plan.task.pipeline_tag!r}, model={peer.output_dir!r})"
                   for peer in final.peers]

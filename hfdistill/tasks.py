@@ -5,7 +5,7 @@ for it, the ``pipeline()`` tag of the saved student, what the inputs are (images
 column names looked for), the function that turns raw splits into model inputs (its *data builder*,
 in :mod:`hfdistill.data`), the student's own task loss and the metric the summary and the card report.
 
-Adding a task (detection, segmentation) is one entry here plus its data builder;
+Adding a task (detection) is one entry here plus its data builder;
 the recipe's ``task:`` values, the data loading, the run pipeline and the card read this table instead
 of testing task names.
 
@@ -36,8 +36,9 @@ class Task:
     metric: str  # the headline metric: the summary's column and the card's first result
     compute_metrics: Callable[[Any], dict]  # Trainer's compute_metrics: EvalPrediction -> {metric: value}
     example_input: str  # a Python literal the card's usage snippet passes to pipeline()
-    # What the model learns to predict: "labels" (one integer class per example, from a label column) or
-    # "tokens" (language modelling: the text is its own target; no label column, no class names).
+    # What the model learns to predict: "labels" (one integer class per example, from a label column),
+    # "tokens" (language modelling: the text is its own target; no label column, no class names) or
+    # "maps" (dense prediction: one class per pixel, from a segmentation map column; ``IGNORE_INDEX`` ignored).
     targets: str = "labels"
     greater_is_better: bool = True  # whether a higher `metric` is better (perplexity: lower is better)
     # The Trainer's preprocess_logits_for_metrics: (logits, labels) -> what compute_metrics reads, per batch
@@ -135,6 +136,80 @@ def perplexity(eval_pred: Any) -> dict[str, float]:
     return {"perplexity": float(math.exp(mean)) if mean < 700 else float("inf")}
 
 
+# ------------------------------------------------------------------------------------ semantic segmentation
+IGNORE_INDEX = 255  # a segmentation map's "no label" value (transformers' `semantic_loss_ignore_index`)
+
+
+def segmentation_loss(logits: Any, labels: Any) -> Any:
+    """Cross-entropy per pixel, in fp32, for a segmentation model that returns no loss itself: the ``[B, K, h, w]``
+    logits upsampled (bilinear, ``align_corners=False``) to the ``[B, H, W]`` labels' size first, pixels labelled
+    :data:`IGNORE_INDEX` ignored; as SegFormer computes its own loss."""
+    import torch.nn.functional as F
+
+    if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
+        logits = F.interpolate(logits.float(), size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX)
+
+
+def segmentation_maps(logits: Any, labels: Any) -> Any:
+    """The predicted class map ``[B, H, W]`` at the labels' resolution: the ``[B, K, h, w]`` logits (or a tuple whose
+    first item is) upsampled bilinearly to the labels' ``H x W``, then the argmax over the K classes.
+
+    Suitable as the Trainer's ``preprocess_logits_for_metrics``: evaluation then keeps one small integer per pixel
+    (int16; int32 beyond 32767 classes) instead of ``[N, K, h, w]`` logits for the whole eval set.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
+        logits = F.interpolate(logits.float(), size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
+    return logits.argmax(1).to(torch.int16 if logits.shape[1] <= 32767 else torch.int32)
+
+
+def mean_iou(eval_pred: Any) -> dict[str, float]:
+    """``mean_iou`` and ``pixel_accuracy`` of predicted class maps over the whole eval set, with torchmetrics.
+
+    ``predictions``: the class maps ``[N, H, W]`` of :func:`segmentation_maps` (or the logits ``[N, K, h, w]``,
+    turned into maps here); ``label_ids``: the label maps ``[N, H, W]``. Pixels labelled :data:`IGNORE_INDEX` or
+    negative (the Trainer pads maps of different sizes with -100) do not count. One confusion matrix over every
+    counted pixel of the set (``MulticlassJaccardIndex``): IoU_c = TP / (TP + FP + FN) per class, and ``mean_iou`` is
+    their mean over the classes *present* (in the labels or the predictions; a class that appears in neither has no
+    IoU), as mmsegmentation and ``evaluate``'s ``mean_iou`` compute it (not a mean of per-image scores).
+    ``pixel_accuracy``: the fraction of counted pixels predicted right.
+    """
+    import numpy as np
+    import torch
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(predictions, (tuple, list)):
+        predictions = predictions[0]
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.ndim == labels.ndim + 1:  # logits: one [K, h, w] map of scores per image
+        predictions = np.concatenate([
+            segmentation_maps(torch.as_tensor(predictions[i:i + 8]).float(), torch.as_tensor(labels[i:i + 8])).numpy()
+            for i in range(0, len(labels), 8)
+        ]) if len(labels) else predictions.argmax(1)
+    keep = (labels >= 0) & (labels != IGNORE_INDEX)
+    if not keep.any():
+        return {"mean_iou": float("nan"), "pixel_accuracy": float("nan")}
+    # Classes that appear in neither labels nor predictions have no IoU and are left out of the mean whatever the
+    # number of classes, so the largest class seen fixes the confusion matrix's size.
+    num_classes = int(max(labels[keep].max(), predictions[keep].max())) + 1
+    iou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", validate_args=False)
+    accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
+    for start in range(0, len(labels), 16):  # a few maps at a time: the pixels of a large eval set are many
+        rows = keep[start:start + 16]
+        if rows.any():
+            preds = torch.as_tensor(predictions[start:start + 16][rows].astype(np.int64))
+            target = torch.as_tensor(labels[start:start + 16][rows].astype(np.int64))
+            iou.update(preds, target)
+            accuracy.update(preds, target)
+    return {"mean_iou": float(iou.compute()), "pixel_accuracy": float(accuracy.compute())}
+
+
 # ------------------------------------------------------------------------------------ data builders
 # Thin wrappers: hfdistill.data imports the models and the recipe types, which import this module.
 def _image_classification_data(raw: Any, student: Any, teacher: Any = None, augment: str = "auto",
@@ -158,9 +233,18 @@ def _causal_lm_data(raw: Any, student: Any, teacher: Any = None, augment: str = 
     return causal_lm_data(raw, student, teacher, max_length=max_length)
 
 
+def _segmentation_data(raw: Any, student: Any, teacher: Any = None, augment: str = "auto",
+                       max_length: int = 128) -> Any:
+    from .data_dense import segmentation_data
+
+    return segmentation_data(raw, student, teacher, augment=augment)
+
+
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "question")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "target", "class")
+# Where segmentation sets keep their maps (scene_parse_150: `annotation`; sidewalk-semantic: `label`).
+MAP_COLUMNS = ("annotation", "label", "segmentation", "semantic_map", "mask", "labels", "seg_map")
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -211,6 +295,23 @@ TASKS: dict[str, Task] = {
             targets="tokens",
             greater_is_better=False,
             preprocess_logits=token_nll,
+        ),
+        Task(
+            name="semantic-segmentation",
+            auto_class="AutoModelForSemanticSegmentation",
+            pipeline_tag="image-segmentation",
+            inputs="image",
+            input_columns=IMAGE_COLUMNS,
+            label_columns=MAP_COLUMNS,
+            build_data=_segmentation_data,
+            task_loss="the model's own loss (per-pixel cross-entropy, the logits upsampled to the labels' size; "
+                      f"label {IGNORE_INDEX} ignored)",
+            loss=segmentation_loss,
+            metric="mean_iou",
+            compute_metrics=mean_iou,
+            example_input='"https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/pipeline-cat-chonk.jpeg"',
+            targets="maps",
+            preprocess_logits=segmentation_maps,
         ),
     )
 }

@@ -65,6 +65,9 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             ``teacher_*`` fields (prefix removed) and otherwise the student's inputs.
         id2label: label names for a timm student (saved into its ``config.json``).
         timm_model_args: creation arguments of a timm student, when they cannot be read off the model.
+        task_loss: ``(logits, labels) -> loss``, the task loss of a student that returns none itself (the tasks
+            table's, e.g. per-pixel cross-entropy at the labels' size for segmentation); default: cross-entropy
+            over the last dimension.
         All other arguments are those of ``transformers.Trainer``.
     """
 
@@ -79,6 +82,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         timm_model_args: dict | None = None,
         stage: str | int | None = None,
         distill_state: dict[str, torch.Tensor] | None = None,
+        task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         **kwargs,
     ):
         if model is None:
@@ -110,6 +114,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
                 f"the student must be a transformers PreTrainedModel or a timm model, got {type(model).__name__}"
             )
         self.student = student
+        self._task_loss_fn = task_loss
         if args.channels_last:  # before the optimiser exists: the parameters keep their identity
             student.to(memory_format=torch.channels_last)
         if is_timm_model(model) and kwargs.get("processing_class") is None:
@@ -427,6 +432,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
                 "or set task_weight: 0 to train on the distillation terms alone"
             )
         logits = outputs[logits_key] if isinstance(outputs, dict) else outputs
+        if self._task_loss_fn is not None:
+            return self._task_loss_fn(logits, labels)
         return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
 
     # ------------------------------------------------------------------ optimiser and schedule
@@ -602,6 +609,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             data_collator=collator,
             processing_class=self.processing_class,
             compute_metrics=self.compute_metrics,
+            preprocess_logits_for_metrics=self.preprocess_logits_for_metrics,
+            task_loss=self._task_loss_fn,
             id2label=dict(getattr(config, "id2label", None) or {}) or None,
             timm_model_args=getattr(config, "model_args", None),
         )

@@ -63,7 +63,8 @@ def test_full_quickstart_run(tmp_path, capsys, monkeypatch):
 
 # ------------------------------------------------------------------------------ every shipped recipe runs
 SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not p.name.startswith("_"))
-OFFLINE_DATA = {"sklearn-digits": None, "fashion-mnist": None, "chatterbot-corpus": "chatterbot_corpus"}
+OFFLINE_DATA = {"sklearn-digits": None, "fashion-mnist": None, "fashion-mnist-scenes": None,
+                "chatterbot-corpus": "chatterbot_corpus"}
 
 
 def _offline_problem(recipe: Recipe) -> str | None:
@@ -75,7 +76,7 @@ def _offline_problem(recipe: Recipe) -> str | None:
     data = recipe.data.name
     if data not in OFFLINE_DATA:
         return f"data {data!r} comes from the Hub"
-    if data == "fashion-mnist" and not Path(recipe.data.data_dir or FASHION_MNIST_DIR).is_dir():
+    if data in ("fashion-mnist", "fashion-mnist-scenes") and not Path(recipe.data.data_dir or FASHION_MNIST_DIR).is_dir():
         return "needs `apt-get install dataset-fashion-mnist`"
     if OFFLINE_DATA[data] and importlib.util.find_spec(OFFLINE_DATA[data]) is None:
         return f"needs `pip install {OFFLINE_DATA[data].replace('_', '-')}`"
