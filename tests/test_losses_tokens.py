@@ -116,9 +116,9 @@ def test_registered(name):
 
 
 def test_params_and_papers():
-    assert get_info("jsd").params == ("beta", "temperature", "chunk_size")
-    assert get_info("skew_kl").params == ("alpha", "temperature", "chunk_size")
-    assert get_info("forward_kl").params == ("temperature", "chunk_size")
+    assert get_info("jsd").params == ("beta", "temperature", "chunk_size", "from_hidden")
+    assert get_info("skew_kl").params == ("alpha", "temperature", "chunk_size", "from_hidden")
+    assert get_info("forward_kl").params == ("temperature", "chunk_size", "from_hidden")
     assert "2306.08543" in get_info("reverse_kl").paper  # MiniLLM
     assert "2306.13649" in get_info("jsd").paper  # GKD
     assert "2402.03898" in get_info("skew_kl").paper and "2402.03898" in get_info("skew_reverse_kl").paper
