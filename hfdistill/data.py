@@ -605,6 +605,21 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> t
     return out.round().clamp(0, 255).to(dtype) if dtype == torch.uint8 else out
 
 
+def example_generator(content: bytes, epoch: int, seed: int) -> torch.Generator:
+    """A random generator for one example's augmentation, seeded by its content, the epoch and the training seed:
+    the same example gets the same draws in the same epoch whatever the batch, worker or interruption."""
+    digest = hashlib.blake2b(content, digest_size=8, key=f"{epoch}:{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def reproducible_flips(images: Sequence[Any], epoch: int | None, seed: int) -> list[bool]:
+    """Whether to flip each image (numpy arrays), half the time: drawn per image with :func:`example_generator`,
+    or from torch's global stream before any epoch was set."""
+    if epoch is None:
+        return (torch.rand(len(images)) < 0.5).tolist()
+    return [bool(torch.rand(1, generator=example_generator(image.tobytes(), epoch, seed)) < 0.5) for image in images]
+
+
 class ImageTransform:
     """Batched image preprocessing for one model: size, channels, augmentation, normalisation.
 
@@ -635,12 +650,7 @@ class ImageTransform:
         """One generator per image, seeded by (content, epoch, seed); None before set_augmentation_epoch."""
         if self.epoch is None:
             return None
-        generators = []
-        for image in images:
-            digest = hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=8,
-                                     key=f"{self.epoch}:{self.seed}".encode()).digest()
-            generators.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
-        return generators
+        return [example_generator(image.contiguous().numpy().tobytes(), self.epoch, self.seed) for image in images]
 
     def _from_list(self, tensors: list[torch.Tensor], generators: list[torch.Generator] | None) -> torch.Tensor:
         if self.augment == "rrc_flip":

@@ -24,7 +24,6 @@ class ``k`` is ``k + 1``; they are mapped to the convention above before anythin
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -35,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import RawData, TaskData, _limit, _match_channels, _pick_column, _to_uint8_tensor, is_saved_dataset
+from .data import (RawData, TaskData, _limit, _match_channels, _pick_column, _to_uint8_tensor, is_saved_dataset,
+                   reproducible_flips)
 from .errors import BadInputError, RecipeError
 from .models import LoadedModel
 from .recipe import DataSpec
@@ -346,14 +346,7 @@ class SegmentationTransform:
         self.epoch, self.seed = int(epoch), int(seed)
 
     def _flips(self, images: list[np.ndarray]) -> list[bool]:
-        if self.epoch is None:
-            return (torch.rand(len(images)) < 0.5).tolist()
-        flips = []
-        for image in images:
-            digest = hashlib.blake2b(image.tobytes(), digest_size=8, key=f"{self.epoch}:{self.seed}".encode()).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-            flips.append(bool(torch.rand(1, generator=generator) < 0.5))
-        return flips
+        return reproducible_flips(images, self.epoch, self.seed)
 
     def __call__(self, batch: dict) -> dict:
         images = [_rgb(image) for image in batch[self.image_column]]

@@ -65,7 +65,6 @@ only the real ones. A ``detection_logit_kd`` term on a training RT-DETR student 
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from typing import Any, Callable, Mapping, Sequence
 
@@ -413,14 +412,9 @@ class DetectionTransform:
         """Whether each image is flipped (all False without ``flip``)."""
         if not self.flip:
             return [False] * len(images)
-        if self.epoch is None:
-            return (torch.rand(len(images)) < 0.5).tolist()
-        flips = []
-        for image in images:
-            digest = hashlib.blake2b(image.tobytes(), digest_size=8, key=f"{self.epoch}:{self.seed}".encode()).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-            flips.append(bool(torch.rand(1, generator=generator) < 0.5))
-        return flips
+        from .data import reproducible_flips
+
+        return reproducible_flips(images, self.epoch, self.seed)
 
     def coco_annotations(self, image_id: Any, objects: Any, width: int, flip: bool = False) -> dict[str, Any]:
         """One image's objects in the processor's ``coco_detection`` format (boxes ``[x, y, w, h]``, flipped when
