@@ -129,9 +129,13 @@ LOSS_FIELDS: dict[str, Callable[[dict, Any, Any], Any]] = {
 }
 
 
-def loss_fields(names: Iterable[str], batch: dict, state: Any, num_items_in_batch: Any = None) -> dict:
-    """The values of the fields ``names`` for one training step."""
-    return {name: LOSS_FIELDS[name](batch, state, num_items_in_batch) for name in names}
+def loss_fields(names: Iterable[str], batch: dict, state: Any, num_items_in_batch: Any = None,
+                optional: Iterable[str] = ()) -> dict:
+    """The values of the fields ``names`` for one training step; a batch field named in ``optional`` (every loss
+    that reads it does without) is None when the batch lacks it, instead of an error."""
+    optional = set(optional)
+    return {name: None if name in optional and name not in batch else LOSS_FIELDS[name](batch, state, num_items_in_batch)
+            for name in names}
 
 
 class IndexedDataset(Dataset):
@@ -185,6 +189,8 @@ class Term:
     accepts_half_inputs: bool = False
     # The loss reads a cached teacher's top-k logits (SparseLogits) as they are; other losses get full logits.
     accepts_sparse_logits: bool = False
+    # Batch fields the loss reads when the batch has them and does without otherwise (pixel_kd's labels).
+    optional_fields: tuple[str, ...] = ()
 
     @property
     def weight(self) -> float:
@@ -211,7 +217,8 @@ def resolve_terms(specs: list[TermSpec]) -> list[Term]:
         teacher_taps, _ = _taps_of(spec.teacher, info.default_tap)
         terms.append(Term(term_name(spec, index, specs), spec, student_taps, teacher_taps, is_list, tuple(info.fields),
                           accepts_half_inputs=bool(getattr(info.cls, "accepts_half_inputs", False)),
-                          accepts_sparse_logits=bool(getattr(info.cls, "accepts_sparse_logits", False))))
+                          accepts_sparse_logits=bool(getattr(info.cls, "accepts_sparse_logits", False)),
+                          optional_fields=tuple(getattr(info.cls, "optional_fields", ()))))
     return terms
 
 

@@ -156,6 +156,9 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             self.label_names = find_labels(type(student))
         self._student_input_names = set(inspect.signature(student.forward).parameters)
         self._loss_field_names = {name for term in distill.terms for name in term.fields}
+        # Fields every term that reads them can do without (None when the batch lacks them).
+        self._optional_loss_fields = {name for name in self._loss_field_names
+                                      if all(name in term.optional_fields for term in distill.terms if name in term.fields)}
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
         self._nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient (nonfinite: skip)
@@ -351,7 +354,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         if not with_task:
             student_inputs = {k: v for k, v in student_inputs.items() if k not in self.label_names}
         teacher_features = self.frozen_teacher.features(inputs) if self.frozen_teacher is not None else {}
-        fields = loss_fields(self._loss_field_names, inputs, self.state, num_items_in_batch)
+        fields = loss_fields(self._loss_field_names, inputs, self.state, num_items_in_batch, self._optional_loss_fields)
         outputs, term_losses = model(teacher_features=teacher_features, loss_fields=fields, **student_inputs)
         task_loss = self._task_loss(outputs, inputs) if with_task else None
         loss = self._step_loss(distill.weigh(task_loss, term_losses), num_items_in_batch)

@@ -425,3 +425,17 @@ def test_detection_kd_refuses_shapes_with_the_fix():
         loss([logits, boxes, boxes], [logits, boxes])
     with pytest.raises(DistillationError, match="on both sides or on neither"):
         losses.build("detection_logit_kd", box_weight=0, giou_weight=0)([logits, boxes], logits)
+
+
+def test_pixel_kd_trains_on_batches_without_labels():
+    """`labels` is an optional field of pixel_kd: a training batch without them counts every pixel, while a loss
+    that needs labels still refuses such a batch."""
+    from hfdistill.recipe import TermSpec
+    from hfdistill.terms import loss_fields, resolve_terms
+
+    terms = resolve_terms([TermSpec(loss="pixel_kd")])
+    assert terms[0].optional_fields == ("labels",)
+    fields = loss_fields({"labels"}, {"pixel_values": torch.zeros(1)}, None, None, optional={"labels"})
+    assert fields == {"labels": None}
+    with pytest.raises(DistillationError, match="batch field 'labels'"):
+        loss_fields({"labels"}, {"pixel_values": torch.zeros(1)}, None, None)

@@ -122,9 +122,11 @@ class PixelKDLoss(nn.Module):
     - ``ignore_index`` (default 255, the value segmentation datasets and transformers' ``semantic_loss_ignore_index``
       use; -100 for datasets labelled the Hugging Face way; null: every pixel counts) drops the pixels with that
       label: the ``labels`` field ([B, H', W'], usually the input's size) is resized with nearest neighbour to the
-      common size. Called from Python without labels, every pixel counts. When every pixel is ignored the loss
-      is 0.
+      common size. Without labels (from Python, or a training batch without them: ``labels`` is an optional
+      field) every pixel counts. When every pixel is ignored the loss is 0.
     """
+
+    optional_fields = ("labels",)  # the trainer passes None when the batch has no labels
 
     def __init__(self, temperature: float = 1.0, align: str = "student", ignore_index: int | None = 255):
         super().__init__()
