@@ -46,6 +46,7 @@ TASK_OF_ARCHITECTURE = (
     ("ForQuestionAnswering", "question-answering"),
     ("ForCausalLM", "text-generation"),
     ("ForSemanticSegmentation", "image-segmentation"),
+    ("ForObjectDetection", "object-detection"),
     ("ForMaskedLM", "fill-mask"),
     ("ForConditionalGeneration", "text2text-generation"),
     ("ForAudioClassification", "audio-classification"),
@@ -57,6 +58,7 @@ EXAMPLE_INPUT = {
     "fill-mask": '"Paris is the [MASK] of France."',
     "text-generation": '"Once upon a time"',
     "image-segmentation": '"https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/pipeline-cat-chonk.jpeg"',
+    "object-detection": '"https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/pipeline-cat-chonk.jpeg"',
 }
 
 
@@ -107,6 +109,8 @@ def split_metrics(metrics: Mapping[str, Any] | None, prefix: str = "eval") -> tu
             name = name[len(f"{prefix}_"):]
         elif name.startswith(("train_", "test_")) or key in ("loss", "learning_rate", "grad_norm"):
             continue
+        if value == -1 and name.startswith(("map", "mar")):
+            continue  # torchmetrics' mAP/mAR of an area range without objects: no number (COCO's -1)
         if name.endswith(RUN_METRICS) or name in RUN_METRICS:
             continue
         target[name] = float(value)
@@ -419,7 +423,8 @@ def build_model_card(
 
     snippet_input = EXAMPLE_INPUT.get(pipeline_tag or "", '"..."')
     variable = ("classifier" if pipeline_tag and "classification" in pipeline_tag else
-                "segmenter" if pipeline_tag == "image-segmentation" else "pipe")
+                "segmenter" if pipeline_tag == "image-segmentation" else
+                "detector" if pipeline_tag == "object-detection" else "pipe")
     snippet = f'{variable} = pipeline("{pipeline_tag}", model="{model_id}")\n{variable}({snippet_input})'
     if chat and pipeline_tag == "text-generation":  # its tokenizer has a chat template: a conversation works too
         snippet += (f'\n{variable}([{{"role": "user", "content": "What is your favorite food?"}}], max_new_tokens=40)'

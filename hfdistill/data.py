@@ -385,9 +385,10 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
     info = get_task(task)
     image_task = info.inputs == "image"
     if dataset is None and spec.name == "fashion-mnist-scenes":
-        if info.targets != "maps":
-            raise RecipeError("data.name", f"fashion-mnist-scenes is a segmentation dataset (images and their "
-                              f"segmentation maps) but the recipe's task is {task!r}; use task: semantic-segmentation")
+        if info.targets not in ("maps", "boxes"):
+            raise RecipeError("data.name", f"fashion-mnist-scenes is a segmentation and detection dataset (images, "
+                              f"their segmentation maps and object boxes) but the recipe's task is {task!r}; use "
+                              "task: semantic-segmentation or object-detection")
         from .data_dense import scenes_source
 
         dataset = scenes_source(spec)
@@ -395,6 +396,9 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
         if info.targets == "maps":
             raise RecipeError("data.name", f"{spec.name} has one class per image, no segmentation maps; a "
                               "semantic-segmentation recipe needs images with maps (e.g. fashion-mnist-scenes)")
+        if info.targets == "boxes":
+            raise RecipeError("data.name", f"{spec.name} has one class per image, no object boxes; an "
+                              "object-detection recipe needs images with objects (e.g. fashion-mnist-scenes)")
         if not image_task:
             raise RecipeError("data.name", f"{spec.name} is an image dataset but the recipe's task is {task!r}")
         if spec.name == "sklearn-digits":
@@ -445,6 +449,10 @@ def load_raw_data(spec: DataSpec, task: str, seed: int | None = None, dataset: A
         from .data_dense import segmentation_raw
 
         return segmentation_raw(spec, train, evaluation, info, seed, dataset)
+    if info.targets == "boxes":
+        from .data_dense import detection_raw
+
+        return detection_raw(spec, train, evaluation, info, seed, dataset)
     columns = train.column_names
     if image_task:
         input_column = _pick_column(columns, spec.image_column, info.input_columns, "image_column", "the images")

@@ -48,6 +48,10 @@ SCENES_OPTIONS = ("num_train", "num_test", "canvas", "items", "scale", "backgrou
 SCENES_NOTE = ("The data are synthetic scenes composed from real Fashion-MNIST items (hfdistill.scenes): a few items "
                "placed on a canvas, their masks derived from the item pixels. It is not a real segmentation benchmark; "
                "these numbers are not comparable with ADE20K, Cityscapes or any published result.")
+DETECTION_SCENES_NOTE = ("The data are synthetic scenes composed from real Fashion-MNIST items (hfdistill.scenes): a "
+                         "few items placed on a canvas, their boxes those of the visible item pixels. It is not a real "
+                         "detection benchmark; these numbers are not comparable with COCO or any published result.")
+DETECTION_AUGMENTATIONS = ("none", "flip")
 ID2LABEL_FILE = "id2label.json"
 CHECK_ROWS = 16  # rows of each split whose maps are checked when the data is built (the transforms check every batch)
 
@@ -150,6 +154,41 @@ def segmentation_raw(spec: DataSpec, train: Any, evaluation: Any, info: Any, see
     evaluation = _limit(evaluation, spec.max_eval_samples, seed)
     return RawData(train, evaluation, names, image_column, map_column, default_augment="flip",
                    reduce_labels=spec.reduce_labels, note=note)
+
+
+def detection_raw(spec: DataSpec, train: Any, evaluation: Any, info: Any, seed: int, dataset: Any = None) -> RawData:
+    """Train and eval splits of images and their COCO-style objects (``objects``/``annotations``, or
+    ``data.label_column``), with ``image_id`` when present; the class names from ``data.label_names``, else the
+    objects' ``category`` ``ClassLabel``, else (the built-in scenes) :data:`hfdistill.scenes.DETECTION_ID2LABEL`."""
+    from .detection import objects_class_names
+
+    columns = train.column_names
+    image_column = _pick_column(columns, spec.image_column, info.input_columns, "image_column", "the images")
+    candidates = [c for c in info.label_columns if c != image_column]
+    objects_column = _pick_column(columns, spec.label_column, candidates, "label_column", "the objects (boxes)")
+    if objects_column == image_column:
+        raise RecipeError("data.label_column", f"is the image column {image_column!r}; name the column of the objects")
+    for column in (image_column, objects_column):
+        if column not in evaluation.column_names:
+            raise RecipeError("data.eval_split", f"the eval split has no column {column!r}; its columns: "
+                              f"{evaluation.column_names}")
+    if spec.label_names is not None:
+        names = [str(n) for n in spec.label_names]
+    else:
+        names = objects_class_names(train.features[objects_column]) or []
+        if not names and spec.name == "fashion-mnist-scenes":
+            from .scenes import DETECTION_ID2LABEL
+
+            names = [DETECTION_ID2LABEL[i] for i in range(len(DETECTION_ID2LABEL))]
+    if not names:
+        raise RecipeError("data.label_names", f"the objects of column {objects_column!r} carry no class names (no "
+                          "ClassLabel); give `data.label_names` (every class, in index order)")
+    note = DETECTION_SCENES_NOTE if spec.name == "fashion-mnist-scenes" else None
+    keep = [image_column, objects_column] + (["image_id"] if "image_id" in columns and "image_id" in
+                                             evaluation.column_names else [])
+    train = _limit(train.select_columns(keep), spec.max_train_samples, seed)
+    evaluation = _limit(evaluation.select_columns(keep), spec.max_eval_samples, seed)
+    return RawData(train, evaluation, names, image_column, objects_column, default_augment="flip", note=note)
 
 
 def _model_label_names(recipe: Any) -> tuple[list[str], str] | None:
@@ -448,4 +487,52 @@ def segmentation_data(raw: RawData, student: LoadedModel, teacher: LoadedModel |
     evaluation = raw.eval.with_transform(transform("none"))
     stats = {"note": raw.note} if raw.note else {}
     return TaskData(train, evaluation, raw.label_names, SegmentationCollator(), teacher_fn,
+                    dict(enumerate(raw.label_names)), stats)
+
+
+# ------------------------------------------------------------------------------------ object detection
+def detection_data(raw: RawData, student: LoadedModel, teacher: LoadedModel | None = None,
+                   augment: str = "auto") -> TaskData:
+    """Images and COCO-style objects -> ``pixel_values`` (``pixel_mask``) and ``labels`` (a list of dicts per batch)
+    by the student's own image processor (:func:`hfdistill.detection.detection_transform`, flips for training when
+    ``augment`` is ``flip``), batched by :class:`hfdistill.detection.DetectionCollator`; a teacher whose processor
+    differs gets ``teacher_pixel_values`` (and ``teacher_pixel_mask``)."""
+    from .detection import DetectionCollator, detection_transform, takes_pixel_mask
+
+    if raw.lm_format is not None or not hasattr(raw.train, "with_transform"):
+        raise RecipeError("task", "these splits were not loaded for object detection (load_raw_data with task "
+                          "object-detection)")
+    processor = student.image_processor()
+    if processor is None:
+        raise RecipeError("student.name", f"{student.name!r} has no image processor, so its input size and "
+                          "normalisation are unknown; use a model folder or id that has one, or build it from a config")
+    augment = raw.default_augment if augment == "auto" else augment
+    if augment not in DETECTION_AUGMENTATIONS:
+        raise RecipeError("data.augment", f"object detection flips each image with its boxes: use "
+                          f"{' or '.join(DETECTION_AUGMENTATIONS)} (or auto), not {augment!r}")
+    teacher_processor = None
+    teacher_fn: Callable[[dict], dict] | None = None
+    if teacher is not None and not getattr(teacher.model, "is_cache", False):
+        teacher_processor = teacher.image_processor()
+        if teacher_processor is None:
+            raise RecipeError("teacher.name", f"{teacher.name!r} has no image processor, so its inputs are unknown")
+        if same_preprocessing(processor, teacher_processor):
+            teacher_processor = None
+        else:
+            teacher_mask = takes_pixel_mask(teacher.model)
+
+            def teacher_fn(batch: dict) -> dict:
+                inputs = {"pixel_values": batch["teacher_pixel_values"]}
+                if teacher_mask and "teacher_pixel_mask" in batch:
+                    inputs["pixel_mask"] = batch["teacher_pixel_mask"]
+                return inputs
+
+    def transform(train: bool) -> Any:
+        return detection_transform(processor, train, flip=train and augment == "flip", image_column=raw.input_column,
+                                   objects_column=raw.label_column, teacher_processor=teacher_processor)
+
+    train = raw.train.with_transform(transform(True))
+    evaluation = raw.eval.with_transform(transform(False))
+    stats = {"note": raw.note} if raw.note else {}
+    return TaskData(train, evaluation, raw.label_names, DetectionCollator(), teacher_fn,
                     dict(enumerate(raw.label_names)), stats)

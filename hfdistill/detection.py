@@ -1,7 +1,9 @@
 """Object detection building blocks: DETR-family detectors from configs, batched COCO-style data, mAP.
 
-Plain functions and classes that ``task: object-detection`` is meant to be wired from; nothing in hfdistill
-calls them yet. The wiring, in words:
+Plain functions and classes that ``task: object-detection`` is wired from (the tasks table in
+:mod:`hfdistill.tasks`, :func:`hfdistill.data_dense.detection_raw` / :func:`hfdistill.data_dense.detection_data`,
+and :func:`hfdistill.run.build_trainer`, which binds :class:`DetectionPredictions` per evaluated model). The wiring,
+in words:
 
 - **The tasks table** gets ``Task(name="object-detection", auto_class="AutoModelForObjectDetection",
   pipeline_tag="object-detection", inputs="image", input_columns=IMAGE_COLUMNS, label_columns=OBJECTS_COLUMNS,

@@ -579,6 +579,8 @@ def _validate_data(data: DataSpec, task: Union[str, None] = None) -> None:
                                   f"{task}; remove it")
     if task in TASK_TABLE and TASK_TABLE[task].targets != "maps":
         for key, default in SEGMENTATION_DATA_FIELDS.items():
+            if key == "label_names" and TASK_TABLE[task].targets == "boxes":
+                continue  # object detection: the objects' class names, when their categories are plain integers
             if getattr(data, key) != default:
                 raise RecipeError(f"data.{key}", f"applies to semantic segmentation (task: semantic-segmentation), "
                                   f"not to {task}; remove it")

@@ -503,23 +503,36 @@ def build_trainer(job: Job, plan: Plan, stage: StageRun, *, model: Any = None, t
 
     loaded = job.model()
     teacher_model = teacher if teacher is not None else (job.teacher.model if job.teacher is not None else None)
+    student_model = model if model is not None else loaded.model
+    args = args if args is not None else make_args(stage.training)
+    preprocess = getattr(plan.task, "preprocess_logits", None)
+    teacher_preprocess = None
+    if plan.task.targets == "boxes":  # a detector's scores (sigmoid or softmax) are read per evaluated model
+        from .detection import DetectionPredictions
+
+        args.eval_do_concat_batches = False  # the labels are a list of dicts per batch
+        preprocess = DetectionPredictions.for_model(student_model)
+        if teacher_model is not None and not getattr(teacher_model, "is_cache", False):
+            teacher_preprocess = DetectionPredictions.for_model(
+                teacher_model if hasattr(teacher_model, "config") else teacher_model.model)
     processor = None
     if not loaded.is_timm:
         processor = loaded.tokenizer if plan.task.processor == "tokenizer" else loaded.image_processor()
     return DistillationTrainer(
-        model=model if model is not None else loaded.model,
+        model=student_model,
         teacher=teacher_model,
         recipe=job.recipe if job.recipe is not None else Recipe(),
         stage=stage.spec.name if job.recipe is not None else None,
         distill_state=dict(distill_state) if distill_state else None,
-        args=args if args is not None else make_args(stage.training),
+        args=args,
         train_dataset=job.data.train,
         eval_dataset=job.data.eval,
         data_collator=job.data.collator,
         processing_class=processor,
         compute_metrics=plan.task.compute_metrics,
         # a language model's eval: per-token losses, not [B, T, vocabulary] logits kept for the whole set
-        preprocess_logits_for_metrics=getattr(plan.task, "preprocess_logits", None),
+        preprocess_logits_for_metrics=preprocess,
+        teacher_preprocess_logits=teacher_preprocess,
         task_loss=plan.task.loss,  # for a student that returns no loss itself
         teacher_inputs=job.data.teacher_inputs if teacher_model is not None else None,
         id2label=dict(enumerate(plan.label_names)),

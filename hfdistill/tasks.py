@@ -38,7 +38,9 @@ class Task:
     example_input: str  # a Python literal the card's usage snippet passes to pipeline()
     # What the model learns to predict: "labels" (one integer class per example, from a label column),
     # "tokens" (language modelling: the text is its own target; no label column, no class names) or
-    # "maps" (dense prediction: one class per pixel, from a segmentation map column; ``IGNORE_INDEX`` ignored).
+    # "maps" (dense prediction: one class per pixel, from a segmentation map column; ``IGNORE_INDEX`` ignored) or
+    # "boxes" (object detection: COCO-style objects per image; the evaluation reduces each evaluated model's outputs
+    # with hfdistill.detection.DetectionPredictions.for_model and keeps the labels a list of dicts per batch).
     targets: str = "labels"
     greater_is_better: bool = True  # whether a higher `metric` is better (perplexity: lower is better)
     # The Trainer's preprocess_logits_for_metrics: (logits, labels) -> what compute_metrics reads, per batch
@@ -240,10 +242,35 @@ def _segmentation_data(raw: Any, student: Any, teacher: Any = None, augment: str
     return segmentation_data(raw, student, teacher, augment=augment)
 
 
+# ------------------------------------------------------------------------------------ object detection
+def detection_loss(logits: Any, labels: Any) -> Any:
+    """A detector (DETR family) computes its own loss (Hungarian matching, then class and box losses) when given
+    ``labels``; there is no loss to compute from its logits alone."""
+    from .errors import DistillationError
+
+    raise DistillationError("an object-detection student must return its own loss (a DETR-family model given "
+                            "`labels`); hfdistill cannot compute a detection loss from the logits alone")
+
+
+def detection_map(eval_pred: Any) -> dict[str, float]:
+    """COCO mAP of a detector's reduced predictions (:func:`hfdistill.detection.detection_map`)."""
+    from .detection import detection_map as compute
+
+    return compute(eval_pred)
+
+
+def _detection_data(raw: Any, student: Any, teacher: Any = None, augment: str = "auto",
+                    max_length: int = 128) -> Any:
+    from .data_dense import detection_data
+
+    return detection_data(raw, student, teacher, augment=augment)
+
+
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "picture")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "question")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "target", "class")
 # Where segmentation sets keep their maps (scene_parse_150: `annotation`; sidewalk-semantic: `label`).
+OBJECTS_COLUMNS = ("objects", "annotations")  # hfdistill.detection.OBJECTS_COLUMNS
 MAP_COLUMNS = ("annotation", "label", "segmentation", "semantic_map", "mask", "labels", "seg_map")
 
 TASKS: dict[str, Task] = {
@@ -312,6 +339,23 @@ TASKS: dict[str, Task] = {
             example_input='"https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/pipeline-cat-chonk.jpeg"',
             targets="maps",
             preprocess_logits=segmentation_maps,
+        ),
+        Task(
+            name="object-detection",
+            auto_class="AutoModelForObjectDetection",
+            pipeline_tag="object-detection",
+            inputs="image",
+            input_columns=IMAGE_COLUMNS,
+            label_columns=OBJECTS_COLUMNS,
+            build_data=_detection_data,
+            task_loss="the model's own loss (Hungarian matching; class + L1 + GIoU)",
+            loss=detection_loss,
+            metric="map",
+            compute_metrics=detection_map,
+            example_input='"https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/pipeline-cat-chonk.jpeg"',
+            targets="boxes",
+            # per evaluated model (sigmoid or softmax scores): DetectionPredictions.for_model, bound by the run
+            preprocess_logits=None,
         ),
     )
 }

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, TimmWrapperImageProcessor, Trainer, TrainerCallback
-from transformers.trainer_pt_utils import nested_concat
+from transformers.trainer_pt_utils import nested_concat, nested_detach, nested_numpify
 from transformers.trainer_utils import EvalPrediction, PREFIX_CHECKPOINT_DIR
 
 from . import losses as loss_registry
@@ -83,8 +83,12 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         stage: str | int | None = None,
         distill_state: dict[str, torch.Tensor] | None = None,
         task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        teacher_preprocess_logits: Callable[[Any, Any], Any] | None = None,
         **kwargs,
     ):
+        # The teacher evaluation's reduction of the teacher's outputs, when it differs from the student's
+        # preprocess_logits_for_metrics (a detector's: sigmoid or softmax scores, per model); None: the student's.
+        self.teacher_preprocess_logits = teacher_preprocess_logits
         if model is None:
             raise DistillationError("DistillationTrainer needs a student `model`")
         if args is None:
@@ -556,6 +560,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             return {}
         dataloader: DataLoader = self.get_eval_dataloader(eval_dataset)
         label_name = self.label_names[0]
+        if not self.args.eval_do_concat_batches:  # labels the Trainer cannot concatenate (a detector's dicts)
+            return self._evaluate_teacher_batches(dataloader, label_name, prefix)
         logits = labels = None
         for batch in dataloader:
             batch = self._prepare_inputs(batch)
@@ -575,6 +581,25 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             computed = self.compute_metrics(EvalPrediction(predictions=logits.numpy(), label_ids=labels.numpy()))
             metrics.update({f"{prefix}_{k}": v for k, v in computed.items()})
         return metrics
+
+    def _evaluate_teacher_batches(self, dataloader: DataLoader, label_name: str, prefix: str) -> dict[str, float]:
+        """The teacher's metrics with predictions and labels kept per batch (``eval_do_concat_batches=False``): its
+        whole outputs reduced by ``teacher_preprocess_logits`` (else the student's reduction), labels as given."""
+        reduce = self.teacher_preprocess_logits or self.preprocess_logits_for_metrics
+        predictions, labels = [], []
+        for batch in dataloader:
+            batch = self._prepare_inputs(batch)
+            batch_labels = batch[label_name]
+            outputs = self.frozen_teacher.outputs(batch)
+            reduced = reduce(outputs, batch_labels) if reduce is not None else (
+                outputs if isinstance(outputs, torch.Tensor) else outputs["logits"])
+            reduced, batch_labels = self.accelerator.gather_for_metrics((reduced, batch_labels))
+            predictions.append(nested_numpify(nested_detach(reduced)))
+            labels.append(nested_numpify(nested_detach(batch_labels)))
+        if self.compute_metrics is None:
+            return {}
+        computed = self.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels))
+        return {f"{prefix}_{k}": v for k, v in computed.items()}
 
     # ------------------------------------------------------------------ students beside the student
     def extra_students(self) -> dict[str, nn.Module]:
@@ -599,6 +624,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         (a timm model is saved through ``TimmWrapperForImageClassification``, with the student's label names
         and creation arguments, read from its config). ``args`` give its ``output_dir``.
         """
+        args.eval_do_concat_batches = self.args.eval_do_concat_batches  # evaluated as the student is
         collator = self.data_collator
         if isinstance(collator, IndexedCollator):  # the index is for loss state; this trainer has no terms
             collator = collator.collator
@@ -614,6 +640,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             compute_metrics=self.compute_metrics,
             preprocess_logits_for_metrics=self.preprocess_logits_for_metrics,
             task_loss=self._task_loss_fn,
+            teacher_preprocess_logits=self.teacher_preprocess_logits,
             id2label=dict(getattr(config, "id2label", None) or {}) or None,
             timm_model_args=getattr(config, "model_args", None),
         )

@@ -186,7 +186,8 @@ def test_task_table_entries():
 
     from hfdistill.tasks import TASK_NAMES, TASKS, get_task
 
-    assert TASK_NAMES == ("image-classification", "text-classification", "text-generation", "semantic-segmentation")
+    assert TASK_NAMES == ("image-classification", "text-classification", "text-generation", "semantic-segmentation",
+                          "object-detection")
     for task in TASKS.values():
         assert hasattr(transformers, task.auto_class) and task.inputs in ("image", "text") and task.metric
     image, text = get_task("image-classification"), get_task("text-classification")
