@@ -123,19 +123,26 @@ def _id2label_file(spec: DataSpec, dataset: Any) -> list[str] | None:
     return None
 
 
-def segmentation_raw(spec: DataSpec, train: Any, evaluation: Any, info: Any, seed: int, dataset: Any = None) -> RawData:
-    """Train and eval splits of images and segmentation maps (columns picked as the module docstring says), with
-    the class names when the data or the recipe say them (empty otherwise: :func:`complete_label_names`)."""
+def _image_and_target_columns(spec: DataSpec, train: Any, evaluation: Any, info: Any, what: str) -> tuple[str, str]:
+    """The image column and the target column (``what``: the maps, the objects) of both splits, picked as the
+    module docstring says, or the RecipeError naming the field to set."""
     columns = train.column_names
     image_column = _pick_column(columns, spec.image_column, info.input_columns, "image_column", "the images")
     candidates = [c for c in info.label_columns if c != image_column]
-    map_column = _pick_column(columns, spec.label_column, candidates, "label_column", "the segmentation maps")
-    if map_column == image_column:
-        raise RecipeError("data.label_column", f"is the image column {image_column!r}; name the column of the maps")
-    for column in (image_column, map_column):
+    target_column = _pick_column(columns, spec.label_column, candidates, "label_column", what)
+    if target_column == image_column:
+        raise RecipeError("data.label_column", f"is the image column {image_column!r}; name the column of {what}")
+    for column in (image_column, target_column):
         if column not in evaluation.column_names:
             raise RecipeError("data.eval_split", f"the eval split has no column {column!r}; its columns: "
                               f"{evaluation.column_names}")
+    return image_column, target_column
+
+
+def segmentation_raw(spec: DataSpec, train: Any, evaluation: Any, info: Any, seed: int, dataset: Any = None) -> RawData:
+    """Train and eval splits of images and segmentation maps (columns picked as the module docstring says), with
+    the class names when the data or the recipe say them (empty otherwise: :func:`complete_label_names`)."""
+    image_column, map_column = _image_and_target_columns(spec, train, evaluation, info, "the segmentation maps")
     _check_map_feature(train.features[map_column], map_column)
     note = None
     if spec.label_names is not None:
@@ -162,16 +169,7 @@ def detection_raw(spec: DataSpec, train: Any, evaluation: Any, info: Any, seed: 
     objects' ``category`` ``ClassLabel``, else (the built-in scenes) :data:`hfdistill.scenes.DETECTION_ID2LABEL`."""
     from .detection import objects_class_names
 
-    columns = train.column_names
-    image_column = _pick_column(columns, spec.image_column, info.input_columns, "image_column", "the images")
-    candidates = [c for c in info.label_columns if c != image_column]
-    objects_column = _pick_column(columns, spec.label_column, candidates, "label_column", "the objects (boxes)")
-    if objects_column == image_column:
-        raise RecipeError("data.label_column", f"is the image column {image_column!r}; name the column of the objects")
-    for column in (image_column, objects_column):
-        if column not in evaluation.column_names:
-            raise RecipeError("data.eval_split", f"the eval split has no column {column!r}; its columns: "
-                              f"{evaluation.column_names}")
+    image_column, objects_column = _image_and_target_columns(spec, train, evaluation, info, "the objects (boxes)")
     if spec.label_names is not None:
         names = [str(n) for n in spec.label_names]
     else:
@@ -184,7 +182,7 @@ def detection_raw(spec: DataSpec, train: Any, evaluation: Any, info: Any, seed: 
         raise RecipeError("data.label_names", f"the objects of column {objects_column!r} carry no class names (no "
                           "ClassLabel); give `data.label_names` (every class, in index order)")
     note = DETECTION_SCENES_NOTE if spec.name == "fashion-mnist-scenes" else None
-    keep = [image_column, objects_column] + (["image_id"] if "image_id" in columns and "image_id" in
+    keep = [image_column, objects_column] + (["image_id"] if "image_id" in train.column_names and "image_id" in
                                              evaluation.column_names else [])
     train = _limit(train.select_columns(keep), spec.max_train_samples, seed)
     evaluation = _limit(evaluation.select_columns(keep), spec.max_eval_samples, seed)
