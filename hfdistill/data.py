@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import RecipeError
-from .models import ImageConfig, LoadedModel
+from .models import ImageConfig, LoadedModel, max_positions
 from .recipe import DataSpec
 from .tasks import IMAGE_COLUMNS, LABEL_COLUMNS, TEXT_COLUMNS, get_task  # noqa: F401 - column names re-exported
 
@@ -1106,8 +1106,8 @@ def causal_lm_data(
             "(another vocabulary) cannot follow; use models with the same tokenizer, or no packing",
         )
     for loaded in (student, teacher):
-        positions = getattr(getattr(getattr(loaded, "model", None), "config", None), "max_position_embeddings", None)
-        if isinstance(positions, int) and max_length > positions:
+        positions = max_positions(getattr(loaded, "model", None))
+        if positions is not None and max_length > positions:
             raise RecipeError("data.max_length", f"is {max_length}, but the {loaded.role} {loaded.name!r} reads at most "
                               f"{positions} positions; lower `data.max_length` to {positions} or less")
     if raw.lm_format == "chat":

@@ -444,6 +444,27 @@ def _check_splits(raw: RawData, reduce_labels: bool) -> None:
             check_map(values, raw.label_names, f"map {i} of the {name} split (column {raw.label_column!r})")
 
 
+def _teacher_pixels(processor: Any, teacher: LoadedModel | None, mask: bool = False
+                    ) -> tuple[Any, Callable[[dict], dict] | None]:
+    """``(teacher processor, teacher inputs)`` when the teacher preprocesses its images otherwise than the student
+    (its own ``teacher_pixel_values``, and ``teacher_pixel_mask`` with ``mask``), else ``(None, None)``."""
+    if teacher is None or getattr(teacher.model, "is_cache", False):
+        return None, None
+    teacher_processor = teacher.image_processor()
+    if teacher_processor is None:
+        raise RecipeError("teacher.name", f"{teacher.name!r} has no image processor, so its inputs are unknown")
+    if same_preprocessing(processor, teacher_processor):
+        return None, None
+
+    def teacher_fn(batch: dict) -> dict:
+        inputs = {"pixel_values": batch["teacher_pixel_values"]}
+        if mask and "teacher_pixel_mask" in batch:
+            inputs["pixel_mask"] = batch["teacher_pixel_mask"]
+        return inputs
+
+    return teacher_processor, teacher_fn
+
+
 def segmentation_data(raw: RawData, student: LoadedModel, teacher: LoadedModel | None = None,
                       augment: str = "auto") -> TaskData:
     """Images and maps -> ``pixel_values`` and ``labels`` by the student's own image processor (the teacher's
@@ -465,17 +486,7 @@ def segmentation_data(raw: RawData, student: LoadedModel, teacher: LoadedModel |
     reduce_labels = (raw.reduce_labels if raw.reduce_labels is not None
                      else bool(getattr(processor, "do_reduce_labels", False)))
     _check_splits(raw, reduce_labels)
-    teacher_processor = None
-    teacher_fn: Callable[[dict], dict] | None = None
-    if teacher is not None and not getattr(teacher.model, "is_cache", False):
-        teacher_processor = teacher.image_processor()
-        if teacher_processor is None:
-            raise RecipeError("teacher.name", f"{teacher.name!r} has no image processor, so its inputs are unknown")
-        if same_preprocessing(processor, teacher_processor):
-            teacher_processor = None
-        else:
-            def teacher_fn(batch: dict) -> dict:
-                return {"pixel_values": batch["teacher_pixel_values"]}
+    teacher_processor, teacher_fn = _teacher_pixels(processor, teacher)
 
     def transform(augmentation: str) -> SegmentationTransform:
         return SegmentationTransform(processor, raw.input_column, raw.label_column, raw.label_names, reduce_labels,
@@ -508,22 +519,8 @@ def detection_data(raw: RawData, student: LoadedModel, teacher: LoadedModel | No
     if augment not in DETECTION_AUGMENTATIONS:
         raise RecipeError("data.augment", f"object detection flips each image with its boxes: use "
                           f"{' or '.join(DETECTION_AUGMENTATIONS)} (or auto), not {augment!r}")
-    teacher_processor = None
-    teacher_fn: Callable[[dict], dict] | None = None
-    if teacher is not None and not getattr(teacher.model, "is_cache", False):
-        teacher_processor = teacher.image_processor()
-        if teacher_processor is None:
-            raise RecipeError("teacher.name", f"{teacher.name!r} has no image processor, so its inputs are unknown")
-        if same_preprocessing(processor, teacher_processor):
-            teacher_processor = None
-        else:
-            teacher_mask = takes_pixel_mask(teacher.model)
-
-            def teacher_fn(batch: dict) -> dict:
-                inputs = {"pixel_values": batch["teacher_pixel_values"]}
-                if teacher_mask and "teacher_pixel_mask" in batch:
-                    inputs["pixel_mask"] = batch["teacher_pixel_mask"]
-                return inputs
+    mask = teacher is not None and not getattr(teacher.model, "is_cache", False) and takes_pixel_mask(teacher.model)
+    teacher_processor, teacher_fn = _teacher_pixels(processor, teacher, mask=mask)
 
     def transform(train: bool) -> Any:
         return detection_transform(processor, train, flip=train and augment == "flip", image_column=raw.input_column,

@@ -74,7 +74,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data_dense import _rgb  # noqa: F401 - images as uint8 [H, W, 3], as the segmentation path reads them
 from .errors import BadInputError, DistillationError
+from .losses.dense import cxcywh_to_xyxy
 
 # ------------------------------------------------------------------------------------ names
 DETECTION_KINDS = ("rt_detr", "conditional_detr", "detr")
@@ -296,29 +298,6 @@ def real_queries(tensor: torch.Tensor, model_or_config: Any) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ data
-def _rgb(image: Any) -> np.ndarray:
-    """A PIL image, array or tensor (gray, RGB or RGBA; HWC or CHW) as a contiguous uint8 ``[H, W, 3]`` array."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
-    array = np.asarray(image.numpy() if isinstance(image, torch.Tensor) else image)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)  # CHW -> HWC
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3:
-        raise BadInputError(f"an image must be [H, W] or [H, W, C], got an array of shape {array.shape}")
-    if array.dtype != np.uint8:
-        array = np.clip(array * (255 if array.dtype.kind == "f" and array.max(initial=0) <= 1 else 1), 0, 255)
-        array = array.astype(np.uint8)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    elif array.shape[-1] == 4:
-        array = array[..., :3]
-    return np.ascontiguousarray(array)
-
-
 def _pick(keys: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str | None:
     if wanted is not None:
         if wanted not in keys:
@@ -545,12 +524,6 @@ class DetectionCollator:
 
 
 # ------------------------------------------------------------------------------------ predictions
-def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """``[..., 4]`` (cx, cy, w, h) -> (x1, y1, x2, y2)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-
-
 def detector_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits [B, Q, K], pred_boxes [B, Q, 4])`` of a DETR-family model's outputs: a model output or dict with
     ``logits`` and ``pred_boxes``, a ``(logits, pred_boxes)`` pair, or the tuple the Trainer's ``prediction_step``
@@ -620,12 +593,6 @@ class DetectionPredictions:
     def __call__(self, outputs: Any, labels: Any = None) -> torch.Tensor:
         logits, boxes = detector_outputs(outputs)
         return scored_detections(logits, boxes, self.activation, self.top_k)
-
-
-def detection_outputs(outputs: Any, labels: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``preprocess_logits_for_metrics`` that needs no model: keeps ``(logits, pred_boxes)`` alone (the metric then
-    needs the activation: :func:`detection_metrics`)."""
-    return detector_outputs(outputs)
 
 
 # ------------------------------------------------------------------------------------ the metric

@@ -55,6 +55,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .errors import DistillationError, RecipeError
+from .models import max_positions
 
 FORMAT = "hfdistill-teacher-completions"
 FORMAT_VERSION = 1
@@ -231,15 +232,6 @@ def stop_tokens(model: Any, tokenizer: Any, fmt: str) -> tuple[list[int], str | 
     return ids, stop_string
 
 
-def _max_positions(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _limit(prompt_len: int, fmt: str, max_length: int, max_new_tokens: int | None,
            positions: int | None) -> tuple[int, int | None]:
     """``(new tokens allowed, prompt tokens kept or None for all)`` of one example. By default what training can
@@ -304,7 +296,7 @@ class _Generator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = pad if pad is not None else 0
         self.max_new_tokens, self.max_length, self.batch_size = max_new_tokens, max_length, batch_size
-        self.positions = _max_positions(model)
+        self.positions = max_positions(model)
         self.seed = seed
         # Every decoding choice explicit: generate() fills unset ones from the model's generation_config
         # (a chat model's sampling temperature, repetition penalty, ...), which would make them unrecorded.

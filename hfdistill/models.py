@@ -238,6 +238,17 @@ def wrap_timm_model(
     return wrapper
 
 
+def max_positions(model: Any) -> int | None:
+    """How many positions a transformers model reads at most (its config's ``max_position_embeddings`` and
+    aliases), or None when it does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def shifts_labels(model: nn.Module) -> bool:
     """Whether the model's own loss is a causal LM's, which shifts the labels (position t predicts token
     t+1; its token count is over ``labels[..., 1:]``): the rule transformers' Trainer uses to count tokens."""

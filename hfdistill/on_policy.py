@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import DistillationError
+from .models import max_positions
 
 IGNORE_INDEX = -100
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "labels")
@@ -83,15 +84,6 @@ def _special_ids(model: nn.Module) -> tuple[int | None, int | list[int] | None]:
     return pad, eos
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    config = model.config
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_batch(batch: dict[str, Any]) -> None:
     """Refuse batches that cannot be rebuilt from prompts and sampled tokens alone."""
     missing = [name for name in ("input_ids", "labels") if name not in batch]
@@ -126,7 +118,7 @@ def sample_batch(student: nn.Module, batch: dict[str, torch.Tensor], *, temperat
     pad = 0 if pad is None else int(pad)
     longest_prompt = max(len(r) for r in rows)
     new_tokens = max_new_tokens or max(1, int(completion_lengths(batch).max()))
-    room = _max_positions(student)
+    room = max_positions(student)
     if room is not None:
         new_tokens = min(new_tokens, room - longest_prompt)
     if new_tokens < 1:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -167,8 +168,6 @@ class ModelTaps:
         """Whether a causal LM may compute its output layer on the last position only (``logits_to_keep=1``):
         no tap reads its logits or its output layer, and its forward takes the argument. Its vocabulary-size
         logits of the whole sequence are then never made (the largest tensor of its forward)."""
-        import inspect
-
         try:
             accepts = "logits_to_keep" in inspect.signature(root.forward).parameters
         except (TypeError, ValueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import safetensors.torch
 import torch
@@ -130,10 +130,9 @@ LOSS_FIELDS: dict[str, Callable[[dict, Any, Any], Any]] = {
 
 
 def loss_fields(names: Iterable[str], batch: dict, state: Any, num_items_in_batch: Any = None,
-                optional: Iterable[str] = ()) -> dict:
+                optional: Collection[str] = ()) -> dict:
     """The values of the fields ``names`` for one training step; a batch field named in ``optional`` (every loss
     that reads it does without) is None when the batch lacks it, instead of an error."""
-    optional = set(optional)
     return {name: None if name in optional and name not in batch else LOSS_FIELDS[name](batch, state, num_items_in_batch)
             for name in names}
 
