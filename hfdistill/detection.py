@@ -61,13 +61,13 @@ trainable batch norms with ``freeze_backbone_batch_norms=False``, which :func:`d
 
 RT-DETR's caveat for distillation: in training mode with ``labels`` its ``logits`` and ``pred_boxes`` outputs hold
 the denoising queries first (``num_denoising`` of them per group), then the ``num_queries`` real ones; in eval mode
-only the real ones. A ``detection_logit_kd`` term on a training RT-DETR student should read the last
-``num_queries`` rows (:func:`real_queries`), or use ``num_denoising=0``.
+only the real ones. ``detection_logit_kd`` keeps the last ``num_queries`` rows (:func:`real_queries`) by itself.
 """
 
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -291,10 +291,9 @@ def takes_pixel_mask(model: Any) -> bool:
 
 def real_queries(tensor: torch.Tensor, model_or_config: Any) -> torch.Tensor:
     """The ``num_queries`` real queries of a ``[B, Q', ...]`` output: RT-DETR in training mode puts its denoising
-    queries first (``Q' = denoising + num_queries``); otherwise unchanged."""
-    config = getattr(model_or_config, "config", model_or_config)
-    queries = int(getattr(config, "num_queries", tensor.shape[1]))
-    return tensor[:, -queries:] if tensor.shape[1] > queries else tensor
+    queries first (``Q' = denoising + num_queries``); otherwise unchanged. (``detection_logit_kd`` does this itself.)"""
+    model = model_or_config if hasattr(model_or_config, "config") else SimpleNamespace(config=model_or_config)
+    return _real_queries(tensor, detector_queries(model))
 
 
 # ------------------------------------------------------------------------------------ data

@@ -277,6 +277,15 @@ def test_detection_logit_kd_on_tiny_teacher_and_student_outputs():
     student_taps = [real_queries(out.logits, rt_student), real_queries(out.pred_boxes, rt_student)]
     assert student_taps[0].shape[1] == 8
     kd(student_taps, [t.logits, t.pred_boxes]).backward()
+    # The term does the same by itself once configured with the models (as the trainer does at set-up).
+    from types import SimpleNamespace
+
+    configured = losses.build("detection_logit_kd")
+    configured.configure(SimpleNamespace(student=rt_student, teacher=teacher))
+    assert configured.num_queries == (8, teacher.config.num_queries)
+    by_itself = configured([out.logits, out.pred_boxes], [t.logits, t.pred_boxes])
+    assert torch.allclose(by_itself, kd(student_taps, [t.logits, t.pred_boxes]))
+    assert configured.match([out.logits, out.pred_boxes], [t.logits, t.pred_boxes])[0][0].max() < 8
 
 
 @needs_fashion_mnist

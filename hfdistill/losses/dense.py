@@ -13,6 +13,7 @@ Every loss casts its inputs to float32 first and returns a scalar.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -267,8 +268,23 @@ def class_divergence_matrix(s: torch.Tensor, t: torch.Tensor, activation: str) -
     return neg_entropy[:, None, :] - cross
 
 
-def _detection_outputs(x, loss: str, who: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A term's ``[logits, pred_boxes]`` taps (or ``logits`` alone) -> float32 [B, Q, K] and [B, Q, 4] (or None)."""
+def real_queries(tensor: torch.Tensor, num_queries: int | None) -> torch.Tensor:
+    """The last ``num_queries`` rows of a ``[B, Q', ...]`` detector output (all of them when ``num_queries`` is None
+    or ``Q' <= num_queries``): RT-DETR training with labels puts its denoising queries (noised copies of the ground
+    truth, a number that changes with the batch's objects) before its ``num_queries`` real ones."""
+    return tensor[:, -num_queries:] if num_queries and tensor.shape[1] > num_queries else tensor
+
+
+def detector_queries(model: Any) -> int | None:
+    """A DETR-family model's ``num_queries`` (from its config), or None for anything else."""
+    queries = getattr(getattr(model, "config", None), "num_queries", None)
+    return int(queries) if isinstance(queries, int) and queries > 0 else None
+
+
+def _detection_outputs(x, loss: str, who: str, num_queries: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A term's ``[logits, pred_boxes]`` taps (or ``logits`` alone) -> float32 [B, Q, K] and [B, Q, 4] (or None), the
+    real queries only when the model's ``num_queries`` is known (:func:`real_queries`)."""
     items = as_list(x)
     if len(items) not in (1, 2) or not all(isinstance(v, torch.Tensor) for v in items):
         raise DistillationError(
@@ -285,7 +301,7 @@ def _detection_outputs(x, loss: str, who: str) -> tuple[torch.Tensor, torch.Tens
             f"{loss}: {who} pred_boxes must be [B, Q, 4] (cx, cy, w, h) for the logits' {tuple(logits.shape[:2])} "
             f"queries, got shape {tuple(boxes.shape)}; give the taps in the order [logits, pred_boxes]"
         )
-    return logits, boxes
+    return real_queries(logits, num_queries), None if boxes is None else real_queries(boxes, num_queries)
 
 
 @register_loss(
@@ -330,7 +346,10 @@ class DetectionLogitKDLoss(nn.Module):
 
     Taps. The term reads the detector's outputs as a list, ``student: [logits, pred_boxes]`` and
     ``teacher: [logits, pred_boxes]`` (there is no default tap: name both). Student and teacher may have
-    different numbers of queries (each image matches ``min(Qs, Qt)`` pairs); their class counts must agree.
+    different numbers of queries (each image matches ``min(Qs, Qt)`` pairs); their class counts must agree. An
+    RT-DETR student training with denoising queries (``num_denoising`` > 0) is distilled on its real queries only:
+    at set-up the term reads each model's ``num_queries`` from its config and keeps the last ``num_queries`` rows
+    of its outputs (the denoising queries come first and their number changes with each batch's objects).
     With ``logits`` alone (one tap each side) the matching uses the class term only, and ``box_weight`` and
     ``giou_weight`` must be 0. DETRDistill also distils every decoder layer's predictions (tap them as further
     terms) and adds feature and query-assignment terms, which are not this loss.
@@ -343,6 +362,11 @@ class DetectionLogitKDLoss(nn.Module):
         self.box_weight = check_number("box_weight", box_weight, minimum=0)
         self.giou_weight = check_number("giou_weight", giou_weight, minimum=0)
         self.score_threshold = check_number("score_threshold", score_threshold, minimum=0, maximum=1)
+        self.num_queries: tuple[int | None, int | None] = (None, None)  # (student, teacher), from configure
+
+    def configure(self, ctx: Any) -> None:
+        """Each model's ``num_queries`` (None for a model without one, or a cached teacher): see :func:`real_queries`."""
+        self.num_queries = (detector_queries(ctx.student), detector_queries(ctx.teacher))
 
     # ---- the pieces ----
     def teacher_confidence(self, t_logits: torch.Tensor) -> torch.Tensor:
@@ -392,8 +416,8 @@ class DetectionLogitKDLoss(nn.Module):
         return pairs
 
     def _inputs(self, student, teacher):
-        s_logits, s_boxes = _detection_outputs(student, "detection_logit_kd", "student")
-        t_logits, t_boxes = _detection_outputs(teacher, "detection_logit_kd", "teacher")
+        s_logits, s_boxes = _detection_outputs(student, "detection_logit_kd", "student", self.num_queries[0])
+        t_logits, t_boxes = _detection_outputs(teacher, "detection_logit_kd", "teacher", self.num_queries[1])
         t_logits, t_boxes = t_logits.detach(), None if t_boxes is None else t_boxes.detach()  # targets only
         if s_logits.shape[0] != t_logits.shape[0] or s_logits.shape[2] != t_logits.shape[2]:
             raise DistillationError(
