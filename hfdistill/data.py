@@ -94,6 +94,8 @@ class RawData:
     # scenes say so).
     reduce_labels: bool | None = None
     note: str | None = None
+    # Object detection: how the objects' boxes are written, ``xywh`` (COCO) or ``xyxy`` (Pascal VOC), in pixels.
+    box_format: str = "xywh"
 
     @property
     def num_labels(self) -> int:

@@ -186,7 +186,8 @@ def detection_raw(spec: DataSpec, train: Any, evaluation: Any, info: Any, seed: 
                                              evaluation.column_names else [])
     train = _limit(train.select_columns(keep), spec.max_train_samples, seed)
     evaluation = _limit(evaluation.select_columns(keep), spec.max_eval_samples, seed)
-    return RawData(train, evaluation, names, image_column, objects_column, default_augment="flip", note=note)
+    return RawData(train, evaluation, names, image_column, objects_column, default_augment="flip", note=note,
+                   box_format=spec.box_format or "xywh")
 
 
 def _model_label_names(recipe: Any) -> tuple[list[str], str] | None:
@@ -524,7 +525,8 @@ def detection_data(raw: RawData, student: LoadedModel, teacher: LoadedModel | No
 
     def transform(train: bool) -> Any:
         return detection_transform(processor, train, flip=train and augment == "flip", image_column=raw.input_column,
-                                   objects_column=raw.label_column, teacher_processor=teacher_processor)
+                                   objects_column=raw.label_column, box_format=raw.box_format,
+                                   teacher_processor=teacher_processor)
 
     train = raw.train.with_transform(transform(True))
     evaluation = raw.eval.with_transform(transform(False))

@@ -76,7 +76,9 @@ import torch.nn.functional as F
 
 from .data_dense import _rgb  # noqa: F401 - images as uint8 [H, W, 3], as the segmentation path reads them
 from .errors import BadInputError, DistillationError
-from .losses.dense import cxcywh_to_xyxy
+from .losses.dense import cxcywh_to_xyxy, detector_queries
+from .losses.dense import real_queries as _real_queries
+from .recipe import BOX_FORMATS  # COCO's [x, y, w, h] or Pascal VOC's [x1, y1, x2, y2], absolute pixels
 
 # ------------------------------------------------------------------------------------ names
 DETECTION_KINDS = ("rt_detr", "conditional_detr", "detr")
@@ -87,7 +89,6 @@ OBJECTS_COLUMNS = ("objects", "annotations")
 BBOX_KEYS = ("bbox", "bboxes", "boxes", "box")
 CATEGORY_KEYS = ("category", "category_id", "label", "labels", "class", "class_id")
 AREA_KEYS = ("area",)
-BOX_FORMATS = ("xywh", "xyxy")  # COCO's [x, y, w, h] or Pascal VOC's [x1, y1, x2, y2], absolute pixels
 METRIC_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
                "mar_small", "mar_medium", "mar_large")
 SCENES_IMAGE_SIZE = 128  # hfdistill.scenes' canvas

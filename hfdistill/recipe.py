@@ -255,6 +255,12 @@ class DataSpec:
                   "k is stored as k + 1 (it becomes k), as in ADE20K (default: the student image processor's "
                   "`do_reduce_labels`)"},
     )
+    # Object detection (task: object-detection) only.
+    box_format: Union[str, None] = field(
+        default=None,
+        metadata={"help": "object-detection: how the objects' boxes are written, in pixels: `xywh` ([x, y, width, "
+                  "height], COCO's and the Hub's common sets', the default) or `xyxy` ([x1, y1, x2, y2], Pascal VOC's)"},
+    )
     # Language modelling (task: text-generation) only.
     prompt_column: Union[str, None] = field(
         default=None, metadata={"help": "text-generation: column holding the prompts of prompt/completion pairs "
@@ -566,6 +572,9 @@ LANGUAGE_MODELLING_DATA_FIELDS = {"prompt_column": None, "completion_column": No
                                   "completion_only_loss": True, "packing": False}
 # DataSpec fields that only semantic segmentation reads, with their defaults.
 SEGMENTATION_DATA_FIELDS = {"label_names": None, "reduce_labels": None}
+# DataSpec fields that only object detection reads, with their defaults.
+DETECTION_DATA_FIELDS = {"box_format": None}
+BOX_FORMATS = ("xywh", "xyxy")  # how object-detection data write boxes (hfdistill.detection reads them)
 
 
 def _validate_data(data: DataSpec, task: Union[str, None] = None) -> None:
@@ -584,6 +593,14 @@ def _validate_data(data: DataSpec, task: Union[str, None] = None) -> None:
             if getattr(data, key) != default:
                 raise RecipeError(f"data.{key}", f"applies to semantic segmentation (task: semantic-segmentation), "
                                   f"not to {task}; remove it")
+    if task in TASK_TABLE and TASK_TABLE[task].targets != "boxes":
+        for key, default in DETECTION_DATA_FIELDS.items():
+            if getattr(data, key) != default:
+                raise RecipeError(f"data.{key}", f"applies to object detection (task: object-detection), not to "
+                                  f"{task}; remove it")
+    if data.box_format is not None and data.box_format not in BOX_FORMATS:
+        raise RecipeError("data.box_format", f"must be one of {', '.join(BOX_FORMATS)} ([x, y, width, height] as "
+                          f"COCO, or [x1, y1, x2, y2] as Pascal VOC), not {data.box_format!r}")
     if data.label_names is not None:
         names = data.label_names
         if (not isinstance(names, list) or len(names) < 2

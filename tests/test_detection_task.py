@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import hfdistill
 from hfdistill.recipe import Recipe
@@ -106,3 +107,50 @@ def test_detection_data_gives_a_teacher_with_other_preprocessing_its_own_pixels(
     assert data.teacher_inputs is not None
     with pytest.raises(DistillationError, match="own loss"):
         get_task("object-detection").loss(None, None)
+
+
+def test_box_format_is_a_detection_data_field_checked_by_the_recipe():
+    from hfdistill.errors import RecipeError
+
+    base = {"task": "object-detection", "student": {"name": "rt_detr", "config": {}}}
+    assert Recipe.from_dict({**base, "data": {"name": "user/voc", "box_format": "xyxy"}}).data.box_format == "xyxy"
+    with pytest.raises(RecipeError, match="data.box_format.*xywh, xyxy"):
+        Recipe.from_dict({**base, "data": {"name": "user/voc", "box_format": "cxcywh"}})
+    with pytest.raises(RecipeError, match="data.box_format.*object detection"):
+        Recipe.from_dict({"task": "image-classification", "student": {"name": "timm:resnet18"},
+                          "data": {"name": "user/set", "box_format": "xyxy"}})
+
+
+@needs_fmnist
+def test_xyxy_boxes_from_a_saved_dataset_give_the_same_labels_as_coco_boxes(tmp_path):
+    """The same scenes saved once with COCO [x, y, w, h] boxes and once with Pascal VOC [x1, y1, x2, y2] boxes
+    (`data.box_format: xyxy`) give the detector the same normalised labels."""
+    from types import SimpleNamespace
+
+    from hfdistill.data import load_raw_data
+    from hfdistill.data_dense import detection_data
+    from hfdistill.detection import detection_image_processor
+    from hfdistill.recipe import DataSpec
+    from hfdistill.scenes import fashion_mnist_scenes_dict
+
+    scenes = fashion_mnist_scenes_dict(num_train=6, num_test=4, canvas=64)
+
+    def to_xyxy(row):
+        objects = dict(row["objects"])
+        objects["bbox"] = [[x, y, x + w, y + h] for x, y, w, h in objects["bbox"]]
+        return {"objects": objects}
+
+    scenes.save_to_disk(str(tmp_path / "coco"))
+    scenes.map(to_xyxy).save_to_disk(str(tmp_path / "voc"))
+    student = SimpleNamespace(name="s", model=None, image_processor=lambda: detection_image_processor("rt_detr", 64))
+    labels = {}
+    for folder, box_format in (("coco", None), ("voc", "xyxy")):
+        raw = load_raw_data(DataSpec(name="disk", data_dir=str(tmp_path / folder), box_format=box_format),
+                            "object-detection")
+        assert raw.box_format == (box_format or "xywh")
+        data = detection_data(raw, student, None, augment="none")
+        labels[folder] = data.collator([data.eval[i] for i in range(4)])["labels"]
+    for coco, voc in zip(labels["coco"], labels["voc"]):
+        assert coco["boxes"].shape[0] >= 1
+        assert torch.allclose(coco["boxes"], voc["boxes"], atol=1e-5)
+        assert torch.equal(coco["class_labels"], voc["class_labels"])
