@@ -335,6 +335,43 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def load_pretrained_backbones(model: Any, path: str = "backbone_config") -> list[str]:
+    """Load timm's pretrained weights into each timm backbone of a model built from a config that asks for them.
+
+    A detector built from a config whose ``backbone_config`` is a timm backbone with ``use_pretrained_backbone:
+    true`` (an ImageNet-pretrained backbone under a new detector, the usual detection set-up) gets random backbone
+    weights from transformers 5 all the same (``AutoBackbone.from_config`` never asks timm for its weights). Here
+    timm makes the pretrained feature extractor (downloaded from the Hub, or from its cache) and its weights are
+    copied in. Returns the timm model names loaded; errors name ``path``."""
+    import timm
+
+    loaded = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if type(module).__name__ != "TimmBackbone" or not getattr(config, "use_pretrained_backbone", False):
+            continue
+        try:
+            pretrained = timm.create_model(config.backbone, pretrained=True, features_only=True,
+                                           out_indices=tuple(config.out_indices or (1, 2, 3, 4)),
+                                           in_chans=getattr(config, "num_channels", 3))
+        except Exception as exc:  # noqa: BLE001 - no such model, no weights, no network
+            if _hub_offline():
+                raise _offline_error(f"{path}.use_pretrained_backbone",
+                                     f"the pretrained timm backbone {config.backbone!r}") from None
+            raise RecipeError(f"{path}.use_pretrained_backbone", f"timm cannot make the pretrained backbone "
+                              f"{config.backbone!r} ({exc}); name a timm model with pretrained weights, such as "
+                              "resnet18d.ra2_in1k, or set use_pretrained_backbone: false") from None
+        result = module._backbone.load_state_dict(pretrained.state_dict(), strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise RecipeError(f"{path}.use_pretrained_backbone", f"timm's pretrained {config.backbone!r} does not fit "
+                              f"the backbone built from the config (missing {missing[:4]}, unexpected "
+                              f"{unexpected[:4]}); keep the backbone config's own options")
+        loaded.append(config.backbone)
+    return loaded
+
+
 def _offline_error(path: str, what: str) -> RecipeError:
     return RecipeError(
         path,
@@ -548,6 +585,8 @@ def _load_transformers(
         raise RecipeError(f"{path}.name", f"cannot load model {name!r}: {exc}") from None
     if spec.init_layers is not None:
         init_layers_from_checkpoint(model, name, spec, path, auto_class)
+    if fresh:
+        load_pretrained_backbones(model, f"{path}.config.backbone_config")
     loaded = LoadedModel(
         model=model,
         role=role,

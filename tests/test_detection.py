@@ -364,3 +364,47 @@ def test_base_detectors_build_offline(kind):
     assert out.pred_boxes.shape[-1] == 4
     timm_rt = detection_model("rt_detr", num_labels=3, size="tiny", backbone="resnet18")  # timm levels 2..4
     assert timm_rt.config.encoder_in_channels == [128, 256, 512]
+
+
+def test_a_fresh_detector_gets_the_pretrained_timm_backbone_its_config_asks_for(tmp_path, monkeypatch):
+    """transformers 5 builds a timm backbone with random weights even when its config says use_pretrained_backbone;
+    a model built from a recipe's config gets timm's pretrained weights (here from a local file, as timm would
+    have downloaded them), and offline without them the recipe field is named."""
+    import safetensors.torch
+    import timm
+
+    from hfdistill.detection import detection_config
+    from hfdistill.errors import RecipeError
+    from hfdistill.models import load_model
+    from hfdistill.recipe import ModelSpec
+
+    torch.manual_seed(0)
+    source = timm.create_model("resnet10t", pretrained=False)
+    weights = tmp_path / "resnet10t.safetensors"
+    safetensors.torch.save_file(source.state_dict(), str(weights))
+    config = detection_config("rt_detr", num_labels=3, size="tiny", backbone="resnet10t").to_diff_dict()
+    config["backbone_config"]["use_pretrained_backbone"] = True
+    for key in ("id2label", "label2id", "transformers_version", "model_type"):
+        config.pop(key, None)
+    spec = ModelSpec(name="rt_detr", config=config)
+    with pytest.raises(RecipeError, match=r"student.config.backbone_config.use_pretrained_backbone.*Hub"):
+        load_model(spec, "student", num_labels=3, task="object-detection")
+
+    real_create = timm.create_model
+
+    def create_from_file(name, pretrained=False, **kwargs):  # timm's own loading, from a file instead of the Hub
+        if pretrained:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        return real_create(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_from_file)
+    model = load_model(spec, "student", num_labels=3, task="object-detection").model
+    backbone = next(m for m in model.modules() if type(m).__name__ == "TimmBackbone")._backbone
+    expected = source.state_dict()
+    loaded = backbone.state_dict()
+    assert loaded and all(torch.equal(value, expected[key]) for key, value in loaded.items()
+                          if not key.endswith("num_batches_tracked"))
+    config["backbone_config"]["use_pretrained_backbone"] = False  # asked for none: random, as built
+    fresh = load_model(ModelSpec(name="rt_detr", config=config), "student", num_labels=3, task="object-detection")
+    other = next(m for m in fresh.model.modules() if type(m).__name__ == "TimmBackbone")._backbone.state_dict()
+    assert not torch.equal(other["conv1.0.weight"], expected["conv1.0.weight"])
