@@ -528,10 +528,14 @@ class _Builder:
                 seq_dims.append(dims)
             logits = is_logits_tap(tap) and not is_list
             top_k = None
-            num_classes = int(values[0].shape[-1]) if logits else None
+            # Classes are last in [B, K], [B, T, V] and a detector's [B, Q, K]; a segmentation map is [B, K, H, W].
+            class_dim = 1 if values[0].dim() >= 4 else -1
+            num_classes = int(values[0].shape[class_dim]) if logits else None
             if logits and self.top_k is not None and self.top_k < num_classes:
-                if seq_dims[0] and (values[0].dim() - 2) in seq_dims[0]:
-                    raise DistillationError(f"logits_top_k: tap {tap!r} has no class dimension last")
+                if class_dim == 1 or (seq_dims[0] and (values[0].dim() - 2) in seq_dims[0]):
+                    raise DistillationError(
+                        f"logits_top_k: tap {tap!r} ({list(values[0].shape)}) has no class dimension last (a map "
+                        "of class scores per position); store the full logits (leave out --logits_top_k)")
                 top_k = self.top_k
             dtype = "float32" if logits else str(self.feature_dtype).replace("torch.", "")
             layouts[tap] = _Layout("list" if is_list else "tensor", shapes, seq_dims, dtype, logits, top_k, num_classes)

@@ -23,6 +23,7 @@ models have logits.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -51,6 +52,18 @@ TEXT_EXAMPLE = "A short example sentence for the dry run of both models."
 RANDOM_TEXT_LENGTH = 16  # tokens, for a model without a tokenizer (random ids)
 # The logits term: Hinton KD as in recipes/quickstart.yaml (with `task_weight: 0.1` there).
 KD_TERM = {"loss": "kd", "weight": 0.9, "params": {"temperature": 4.0}}
+# Per task, the logits a model returns ([B, K]; a segmenter's [B, K, H, W] score maps; a detector's [B, Q, K] class
+# logits per query), where their classes are, and the term that distils them (kd for the others).
+LOGIT_TERMS = {
+    "semantic-segmentation": (4, 1, {"loss": "pixel_kd", "weight": 1.0, "params": {"temperature": 1.0}}),
+    "object-detection": (3, -1, {"loss": "detection_logit_kd", "weight": 1.0, "student": ["logits", "pred_boxes"],
+                                 "teacher": ["logits", "pred_boxes"]}),
+}
+
+
+def logit_term(task: str) -> tuple[int, int, dict]:
+    """``(logits' dims, class dim, the term)`` of ``task``'s logit distillation."""
+    return LOGIT_TERMS.get(task, (2, -1, KD_TERM))
 FEATURE_WEIGHT = 1.0  # each hint term's weight: a starting point, to tune against kd in the first logs
 # What to try when a method fits no pair.
 METHOD_HINTS = {"at": "compares maps and token sequences of any width", "mse": "maps the student's width with an adapter"}
@@ -137,7 +150,7 @@ class Suggestion:
     @property
     def terms(self) -> list[dict]:
         """The recipe's ``terms``, as plain data."""
-        terms = [dict(KD_TERM, params=dict(KD_TERM["params"]))] if self.kd else []
+        terms = [copy.deepcopy(logit_term(self.task)[2])] if self.kd else []
         pairs = self.usable_pairs
         if not pairs:
             return terms
@@ -243,14 +256,16 @@ def suggest(
     student_probe = probe_model(student_spec, "student", task, input_size)
 
     pairs, notes = pair_models(info, student_probe, teacher_probe)
-    if task == "image-classification" and input_size is None and teacher_probe.input != student_probe.input:
+    if get_task(task).inputs == "image" and input_size is None and teacher_probe.input != student_probe.input:
         notes.append(f"each model ran at its own size (teacher {teacher_probe.input}, student {student_probe.input}); "
                      "give --input-size the size your data will have (data.image_size) to see the shapes of a run")
     kd = student_probe.logits is not None and teacher_probe.logits is not None
-    if kd and student_probe.logits[1:] != teacher_probe.logits[1:]:
-        notes.append(f"the teacher has {teacher_probe.logits[-1]} classes and the student {student_probe.logits[-1]}: "
-                     "kd compares them class by class, so in a run both must have the data's classes (a student "
-                     "gets them; a trained teacher must have been trained on them)")
+    _, class_dim, logit_loss = logit_term(task)
+    if kd and student_probe.logits[class_dim] != teacher_probe.logits[class_dim]:
+        notes.append(f"the teacher has {teacher_probe.logits[class_dim]} classes and the student "
+                     f"{student_probe.logits[class_dim]}: {logit_loss['loss']} compares them class by class, so in a "
+                     "run both must have the data's classes (a student gets them; a trained teacher must have been "
+                     "trained on them)")
     elif not kd:
         notes.append("no kd term: " + " and ".join(f"the {p.role} returns no logits"
                                                    for p in (teacher_probe, student_probe) if p.logits is None))
@@ -421,7 +436,7 @@ def probe_model(spec: ModelSpec, role: str, task: str, input_size: int | None = 
         raise DistillationError(
             f"the {role} {spec.name!r} cannot run on a {described}: {' '.join(str(exc).split()).rstrip('.')}; "
             + ("give --input-size the size it was built for, or leave --input-size out to use its own"
-               if task == "image-classification" else "check its config and tokenizer")
+               if get_task(task).inputs == "image" else "check its config and tokenizer")
         ) from None
     finally:
         probe_taps.remove()
@@ -444,7 +459,8 @@ def probe_model(spec: ModelSpec, role: str, task: str, input_size: int | None = 
         input=described,
         points=points,
         pooled=TapPoint("pooled", tuple(pooled.shape), None, 1, 1) if isinstance(pooled, torch.Tensor) else None,
-        logits=tuple(logits.shape) if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None,
+        logits=(tuple(logits.shape) if isinstance(logits, torch.Tensor) and logits.dim() == logit_term(task)[0]
+                else None),
         values=values,
         root=root,
         notes=notes,
@@ -454,7 +470,7 @@ def probe_model(spec: ModelSpec, role: str, task: str, input_size: int | None = 
 def _load(spec: ModelSpec, role: str, task: str, input_size: int | None) -> LoadedModel:
     from . import hub
 
-    image_size = input_size if task == "image-classification" else None
+    image_size = input_size if get_task(task).inputs == "image" else None
     try:
         with hub.wrap_hub_errors(spec.name, revision=spec.revision):
             return load_model(spec, role, task, image_size=image_size)
@@ -480,7 +496,7 @@ def _load_without_tokenizer(spec: ModelSpec, role: str) -> LoadedModel:
 def _example_inputs(loaded: LoadedModel, task: str, input_size: int | None) -> tuple[dict[str, torch.Tensor], str]:
     """The dry run's inputs (a batch of BATCH) and what they are, in words."""
     generator = torch.Generator().manual_seed(0)
-    if task == "image-classification":
+    if get_task(task).inputs == "image":
         model = loaded.model
         if is_timm_model(model):
             channels = timm_in_chans(model)

@@ -375,3 +375,35 @@ def test_run_distils_a_segformer_whose_student_segments_in_a_fresh_process(tmp_p
     masks = json.loads(done.stdout.strip().splitlines()[-1])
     assert masks and all(m["size"] == [50, 40] and m["mode"] == "L" for m in masks)
     assert {m["label"] for m in masks} <= set(config["id2label"].values())
+
+
+@needs_fmnist
+def test_a_teacher_cache_of_score_maps_and_features_trains_a_student(tmp_path, capsys):
+    """`hfdistill cache` on a segmentation recipe stores the teacher's [B, K, H, W] logits (its class count read
+    from the class dimension, not from the map's width) and a feature map; training from the cache runs; a top-k
+    cache of score maps is refused (top-k keeps the classes of the last dimension)."""
+    import yaml
+
+    from hfdistill.cache import TeacherCache
+    from hfdistill.cli import main
+
+    recipe = scenes_recipe(tmp_path, terms=[
+        {"loss": "pixel_kd", "weight": 1.0},
+        {"loss": "pairwise_affinity", "student": "decode_head.activation", "teacher": "decode_head.activation"}])
+    recipe["student"]["baseline"] = False
+    recipe["data"]["augment"] = "none"
+    recipe["training"]["max_steps"] = 1
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0  # trains the teacher first
+    folder = tmp_path / "cache"
+    assert main(["cache", str(path), "--output", str(folder)]) == 0
+    cache = TeacherCache(folder)
+    assert cache.num_labels == 11 and set(cache.layouts) == {"logits", "decode_head.activation"}
+    assert cache.layouts["logits"]["shapes"][0][0] == 11  # [K, H, W]
+    capsys.readouterr()
+    assert main(["train", str(path), "--teacher", f"{{cache: {folder}}}", "--training.output_dir",
+                 str(tmp_path / "cached-student")]) == 0
+    assert "cache cache" in capsys.readouterr().out
+    assert main(["cache", str(path), "--output", str(tmp_path / "top-k"), "--logits_top_k", "3"]) == 2
+    assert "no class dimension last" in capsys.readouterr().err

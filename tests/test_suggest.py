@@ -238,3 +238,22 @@ def test_cli_bad_input_exits_2_with_one_paragraph(capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in " ".join(err.split()) and "Traceback" not in err and err.startswith("hfdistill: error:")
+
+
+def test_dense_tasks_run_on_images_and_get_their_logit_term():
+    """A segmenter pair gets pixel_kd on its [B, K, H, W] score maps (and hints on its stage maps), a detector pair
+    detection_logit_kd on [logits, pred_boxes]: both run on images, not on token ids."""
+    from test_detection_task import tiny_rt_detr
+    from test_segmentation import TINY, WIDER
+
+    seg = suggest({"name": "segformer", "config": WIDER}, {"name": "segformer", "config": TINY},
+                  task="semantic-segmentation", input_size=32)
+    assert "32x32 image" in seg.student.input and seg.student.logits[1] == seg.teacher.logits[1]
+    assert seg.terms[0] == {"loss": "pixel_kd", "weight": 1.0, "params": {"temperature": 1.0}}
+    assert any(term["loss"] == "mse" and term["student"].startswith("hidden_states") for term in seg.terms[1:])
+    det = suggest({"name": "rt_detr", "config": tiny_rt_detr()}, {"name": "rt_detr", "config": tiny_rt_detr()},
+                  task="object-detection", input_size=64)
+    assert "64x64 image" in det.teacher.input and len(det.student.logits) == 3
+    assert det.terms[0] == {"loss": "detection_logit_kd", "weight": 1.0, "student": ["logits", "pred_boxes"],
+                            "teacher": ["logits", "pred_boxes"]}
+    assert "detection_logit_kd" in det.report()
