@@ -63,6 +63,14 @@ EXAMPLE_INPUT = {
 
 
 # ----------------------------------------------------------------------------- small helpers
+
+def pipeline_variable(pipeline_tag: str | None) -> str:
+    """The variable a usage snippet names the pipeline of ``pipeline_tag`` (card and run summary alike)."""
+    if pipeline_tag and "classification" in pipeline_tag:
+        return "classifier"
+    return {"image-segmentation": "segmenter", "object-detection": "detector",
+            "text-generation": "generator"}.get(pipeline_tag or "", "pipe")
+
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from ``path``; ``{}`` when it is missing, unreadable or not an object."""
     try:
@@ -422,9 +430,7 @@ def build_model_card(
     hyper_rows = [[f"`{k}`", str(v)] for k, v in (training_hyperparameters or {}).items() if v is not None]
 
     snippet_input = EXAMPLE_INPUT.get(pipeline_tag or "", '"..."')
-    variable = ("classifier" if pipeline_tag and "classification" in pipeline_tag else
-                "segmenter" if pipeline_tag == "image-segmentation" else
-                "detector" if pipeline_tag == "object-detection" else "pipe")
+    variable = pipeline_variable(pipeline_tag)
     snippet = f'{variable} = pipeline("{pipeline_tag}", model="{model_id}")\n{variable}({snippet_input})'
     if chat and pipeline_tag == "text-generation":  # its tokenizer has a chat template: a conversation works too
         snippet += (f'\n{variable}([{{"role": "user", "content": "What is your favorite food?"}}], max_new_tokens=40)'

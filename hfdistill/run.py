@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import processes
+from . import card, processes
 from .errors import BadInputError, OverrideError, RecipeError, ResultFolderError
 from .outputs import CHECKPOINT_COMPLETE_NAME, incomplete_checkpoints, last_complete_checkpoint, remove_checkpoints
 from .recipe import Recipe, StageSpec, term_name
@@ -1207,8 +1207,7 @@ def summarise(plan: Plan) -> str:
         lines += [f"  {peer.name} = {plan.task.auto_class}.from_pretrained({peer.output_dir!r})" for peer in final.peers]
     else:
         lines.append("  from transformers import pipeline")
-        name = {"text-generation": "generator", "image-segmentation": "segmenter"}.get(plan.task.pipeline_tag,
-                                                                                    "classifier")
+        name = card.pipeline_variable(plan.task.pipeline_tag)
         lines.append(f"  {name} = pipeline({plan.task.pipeline_tag!r}, model={plan.output_dir!r})")
         lines += [f"  {peer.name} = pipeline({plan.task.pipeline_tag!r}, model={peer.output_dir!r})"
                   for peer in final.peers]
