@@ -48,6 +48,13 @@ def machine_info(**versions: str) -> dict[str, str]:
     }
 
 
+def machine_line(info: dict[str, str]) -> str:
+    """:func:`machine_info` as one line of a report."""
+    versions = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("cpu", "cores", "torch_threads", "gpu"))
+    return (f"{info['cpu']}, {info['cores']} logical cores, torch threads {info['torch_threads']}; {versions}; "
+            f"GPU: {info['gpu']}")
+
+
 def load_average() -> float:
     """The 1-minute load average (NaN where the platform has none): above the core count, times are inflated."""
     try:

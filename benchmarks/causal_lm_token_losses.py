@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import load_average, log, machine_info, quiet  # noqa: E402  (the offline environment first)
+from benchmarks._common import load_average, log, machine_info, machine_line, quiet  # noqa: E402  (the offline environment first)
 
 import torch  # noqa: E402
 
@@ -115,12 +115,6 @@ def threads() -> int:
 
 def machine() -> dict[str, str]:
     return machine_info(hfdistill=getattr(hfdistill, "__version__", "unknown"))
-
-
-def machine_line(info: dict[str, str]) -> str:
-    return (f"{info['cpu']}, {info['cores']} logical cores, torch threads {info['torch_threads']}; torch "
-            f"{info['torch']}, transformers {info['transformers']}, hfdistill {info['hfdistill']}, Python "
-            f"{info['python']}; GPU: {info['gpu']}")
 
 
 # ------------------------------------------------------------------------------------ the rows

@@ -163,21 +163,23 @@ def methods(epochs: float | None = None) -> dict[str, dict]:
     return specs
 
 
-def describe_terms(spec: dict) -> str:
-    """One line of a row's terms: ``CE 0.1 + 0.9 kd (temperature=4.0)``; stages joined by ``; then``."""
+def describe_terms(spec: dict, task_loss: str = "CE") -> str:
+    """One line of a row's terms: ``CE 0.1 + 0.9 kd (temperature=4.0)``; stages joined by ``; then``
+    (``task_loss``: the name of the student's own loss, cross-entropy here)."""
     if "stages" in spec:
         parts = []
         for stage in spec["stages"]:
             weight = stage.get("task_weight", spec.get("task_weight"))
-            text = describe_terms({"terms": stage.get("terms", []), "task_weight": 1.0 if weight is None else weight})
+            text = describe_terms({"terms": stage.get("terms", []), "task_weight": 1.0 if weight is None else weight},
+                                  task_loss)
             trains = f", trains {'+'.join(stage['train'])}" if stage.get("train") else ""
             parts.append(f"stage {stage['name']}: {text}{trains}")
         return "; then ".join(parts).replace("|", "/")
     terms = spec.get("terms") or []
     task_weight = 1.0 if spec.get("task_weight") is None else spec["task_weight"]
     if not terms:
-        return f"CE {task_weight:g}"
-    parts = [f"CE {task_weight:g}"] if task_weight else []
+        return f"{task_loss} {task_weight:g}"
+    parts = [f"{task_loss} {task_weight:g}"] if task_weight else []
     for term in terms:
         taps = ""
         if term.get("student") is not None:

@@ -150,3 +150,41 @@ def test_causal_lm_token_losses_tiny_rows(tmp_path):
     assert failed[module.TINY_LOSSES[1]][2] == "-" and "s0: failed" in failed[module.TINY_LOSSES[1]][3]
     assert "RuntimeError: boom" in failed[module.TINY_LOSSES[1]][-1]
     assert NUMBER.match(failed[module.TINY_LOSSES[0]][2])
+
+
+# ------------------------------------------------------------------------------ dense prediction on the scenes
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST files absent (apt install dataset-fashion-mnist)")
+def test_dense_scenes_quick_rows(tmp_path):
+    """benchmarks/dense_scenes.py --quick: every recipe of recipes/fashion_mnist_scenes/<task>/ is a row with its
+    metric (mean IoU, mAP) and times, each task's teacher once, the data said to be synthetic; and the rows cover
+    every dense method of issue 13 (pixel-wise, pair-wise, CWD on logits and features, FitNet, MGD, DETRDistill)."""
+    module = load("dense_scenes")
+    out = tmp_path / "dense_scenes.md"
+    assert module.main(["--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    text = out.read_text()
+    assert "synthetic" in text and "not comparable" in text and "Machine" in text
+    assert "Command: `python benchmarks/dense_scenes.py --quick" in text
+    for task, heading, metric in (("segmentation", "Segmentation", "mean_iou"), ("detection", "Detection", "map")):
+        rows = {cells[0]: cells for cells in table_rows(text, heading)}
+        methods = list(module.recipe_files(task))
+        assert set(rows) == {"teacher", *methods}, (task, rows)
+        assert methods[0] == "baseline" and rows["baseline"][4] == "-"
+        for name in methods:
+            _, terms, seeds, value, gain, *_, train = rows[name]
+            assert seeds == "42" and NUMBER.match(value) and 0 <= float(value) <= 1, rows[name]
+            assert re.fullmatch(r"\d+ s", train), rows[name]
+            if name != "baseline":
+                assert re.fullmatch(r"[+-]\d+\.\d+", gain), rows[name]
+        assert NUMBER.match(rows["teacher"][3]) and "trained in" in rows["teacher"][-1]
+        records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+        assert all(metric in r and "error" not in r for r in records if r["task"] == task)
+    losses = {term["loss"] for task in module.TASKS for path in module.recipe_files(task).values()
+              for term in module.row_spec(path)["terms"]}
+    assert {"pixel_kd", "pairwise_affinity", "cwd", "fitnet", "mgd", "detection_logit_kd"} <= losses
+    cwd_taps = {term["student"] for path in module.recipe_files("segmentation").values()
+                for term in module.row_spec(path)["terms"] if term["loss"] == "cwd"}
+    assert "logits" in cwd_taps and len(cwd_taps) == 2  # on the logits and on a feature map, as the paper
