@@ -10,8 +10,9 @@ import contextlib
 import os
 import platform
 import time
+import traceback
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 # Nothing is downloaded, nothing is reported anywhere, tokenizers do not fork threads of their own.
 for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
@@ -80,3 +81,21 @@ def quiet() -> Iterator[None]:
             yield
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+def guarded_run(run: Callable[[], dict], identity: dict, label: str) -> dict:
+    """``run()``'s record; or, when its loss became NaN/inf (a result: training stopped), ``identity`` with
+    ``diverged``; or, when it failed, ``identity`` with ``error``, the traceback printed: one failing row must not
+    stop the others, and the report says why it has no number."""
+    from hfdistill.errors import TrainingDivergedError
+
+    try:
+        return run()
+    except TrainingDivergedError as exc:
+        record = {**identity, "diverged": str(exc).replace("\n", " ")[:500]}
+        log(f"{label}: DIVERGED {record['diverged']}")
+    except Exception as exc:  # noqa: BLE001 - reported in the results, not raised
+        traceback.print_exc()
+        record = {**identity, "error": f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]}
+        log(f"{label}: FAILED {record['error']}")
+    return record

@@ -32,20 +32,18 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import load_average, log, machine_info, machine_line  # noqa: E402  (the offline environment first)
+from benchmarks._common import guarded_run, load_average, log, machine_info, machine_line  # noqa: E402  (the offline environment first)
 from benchmarks.methods_fashion_mnist import describe_terms, mean_std, source_of  # noqa: E402
 
 import torch  # noqa: E402
 
 from hfdistill import Recipe  # noqa: E402
-from hfdistill.errors import TrainingDivergedError  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "fashion_mnist_scenes"
 FIRST_SEED = 42
@@ -273,20 +271,13 @@ def main(argv=None) -> int:
     log(f"{len(todo)} run(s) to do: {', '.join(f'{t}/{m}/{s}' for t, m, s in todo)}")
     for i, (task, method, seed) in enumerate(todo, 1):
         metric = TASKS[task]["metric"]
-        log(f"[{i}/{len(todo)}] {task} {method} seed {seed}: {_terms(task, specs[task][method])}")
-        try:
-            record = bench.run(task, method, recipe_files(task)[method], seed)
-            log(f"[{i}/{len(todo)}] {task} {method} seed {seed}: {metric} {record[metric]:.4f}, "
-                f"train {record['train_seconds']:.0f} s, run {record['wall_seconds']:.0f} s")
-        except TrainingDivergedError as exc:  # a result: the loss became NaN/inf and training stopped
-            record = {"task": task, "method": method, "seed": seed, "settings": bench.settings,
-                      "diverged": str(exc).replace("\n", " ")[:500]}
-            log(f"[{i}/{len(todo)}] {task} {method} seed {seed}: DIVERGED {record['diverged']}")
-        except Exception as exc:  # one failing row must not stop the others; it is reported
-            traceback.print_exc()
-            record = {"task": task, "method": method, "seed": seed, "settings": bench.settings,
-                      "error": f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]}
-            log(f"[{i}/{len(todo)}] {task} {method} seed {seed}: FAILED {record['error']}")
+        label = f"[{i}/{len(todo)}] {task} {method} seed {seed}"
+        log(f"{label}: {_terms(task, specs[task][method])}")
+        record = guarded_run(lambda: bench.run(task, method, recipe_files(task)[method], seed),
+                             {"task": task, "method": method, "seed": seed, "settings": bench.settings}, label)
+        if metric in record:
+            log(f"{label}: {metric} {record[metric]:.4f}, train {record['train_seconds']:.0f} s, "
+                f"run {record['wall_seconds']:.0f} s")
         records.append(record)
         save(running=i < len(todo))
     save(running=False)

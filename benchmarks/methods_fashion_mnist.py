@@ -39,7 +39,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 
@@ -47,12 +46,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import load_average, log, machine_info  # noqa: E402  (the offline environment first)
+from benchmarks._common import guarded_run, load_average, log, machine_info  # noqa: E402  (the offline environment first)
 
 import torch  # noqa: E402
 
 from hfdistill import Recipe, losses  # noqa: E402
-from hfdistill.errors import TrainingDivergedError  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "fashion_mnist"
 BASE = RECIPES / "_base.yaml"
@@ -582,20 +580,13 @@ def main(argv=None) -> int:
     todo = [p for p in plan if p not in done]
     log(f"{len(todo)} run(s) to do: {', '.join(f'{m}/{s}' for m, s in todo)}")
     for i, (method, seed) in enumerate(todo, 1):
-        log(f"[{i}/{len(todo)}] {method} seed {seed}: {describe_terms(specs[method])}")
-        try:
-            record = bench.run(method, files[method], seed)
-            log(f"[{i}/{len(todo)}] {method} seed {seed}: test accuracy {record['accuracy']:.4f}, "
-                f"train {record['train_seconds']:.0f} s, run {record['wall_seconds']:.0f} s, last losses {record['last_log']}")
-        except TrainingDivergedError as exc:  # a result: this method's loss became NaN/inf and training stopped
-            record = {"method": method, "seed": seed, "settings": bench.settings,
-                      "diverged": str(exc).replace("\n", " ")[:500]}
-            log(f"[{i}/{len(todo)}] {method} seed {seed}: DIVERGED {record['diverged']}")
-        except Exception as exc:  # one failing method must not stop the others; it is reported
-            traceback.print_exc()
-            record = {"method": method, "seed": seed, "settings": bench.settings,
-                      "error": f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]}
-            log(f"[{i}/{len(todo)}] {method} seed {seed}: FAILED {record['error']}")
+        label = f"[{i}/{len(todo)}] {method} seed {seed}"
+        log(f"{label}: {describe_terms(specs[method])}")
+        record = guarded_run(lambda: bench.run(method, files[method], seed),
+                             {"method": method, "seed": seed, "settings": bench.settings}, label)
+        if "accuracy" in record:
+            log(f"{label}: test accuracy {record['accuracy']:.4f}, train {record['train_seconds']:.0f} s, "
+                f"run {record['wall_seconds']:.0f} s, last losses {record['last_log']}")
         records.append(record)
         save(running=i < len(todo))
     save(running=False)
