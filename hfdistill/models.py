@@ -343,12 +343,15 @@ def load_pretrained_backbones(model: Any, path: str = "backbone_config") -> list
     weights from transformers 5 all the same (``AutoBackbone.from_config`` never asks timm for its weights). Here
     timm makes the pretrained feature extractor (downloaded from the Hub, or from its cache) and its weights are
     copied in. Returns the timm model names loaded; errors name ``path``."""
+    if not any(getattr(getattr(m, "config", None), "use_pretrained_backbone", False) for m in model.modules()):
+        return []  # the usual case, without importing timm
     import timm
+    from transformers import TimmBackbone
 
     loaded = []
     for module in model.modules():
         config = getattr(module, "config", None)
-        if type(module).__name__ != "TimmBackbone" or not getattr(config, "use_pretrained_backbone", False):
+        if not isinstance(module, TimmBackbone) or not getattr(config, "use_pretrained_backbone", False):
             continue
         try:
             pretrained = timm.create_model(config.backbone, pretrained=True, features_only=True,
