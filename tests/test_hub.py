@@ -510,3 +510,50 @@ def test_causal_lm_student_pushed_loads_with_text_generation_pipeline(fake_hub, 
     """, fake_hub.url, tmp_path)
     generated = json.loads(use.stdout.split("GENERATED ", 1)[1].splitlines()[0])
     assert generated["text"].startswith("Hello") and len(generated["text"]) > 5 and generated["chat"] == "assistant"
+
+
+DENSE_USE = {
+    "semantic-segmentation": ("image-segmentation", "[o['label'] for o in pipe(image)]"),
+    "object-detection": ("object-detection", "[o['label'] for o in pipe(image, threshold=0.0)]"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST files absent (apt install dataset-fashion-mnist)")
+@pytest.mark.parametrize("task", list(DENSE_USE))
+def test_dense_student_pushed_loads_with_its_pipeline_from_the_hub(fake_hub, tmp_path, task):
+    """A segmenter and a detector distilled on the scenes and pushed by `hfdistill train --training.push_to_hub`
+    load from the Hub with pipeline("image-segmentation") / pipeline("object-detection") in a fresh process, and
+    their cards carry the pipeline tag and the metric."""
+    import yaml
+    from test_detection_task import detection_recipe
+    from test_segmentation import scenes_recipe
+
+    recipe = (scenes_recipe if task == "semantic-segmentation" else detection_recipe)(tmp_path)
+    recipe["student"]["baseline"] = False
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    repo_id = f"user/tiny-{task}-student"
+    run_python(f"""
+        import sys
+        from hfdistill.cli import main
+        sys.exit(main(["train", {str(path)!r}, "--training.push_to_hub", "true", "--training.hub_model_id", {repo_id!r}]))
+    """, fake_hub.url, tmp_path, {"HF_TOKEN": TOKEN}, timeout=600)
+    files = fake_hub.files(repo_id)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+    assert TOKEN.encode() not in all_text(files)
+    tag, labels = DENSE_USE[task]
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.pipeline_tag == tag and ("mean_iou" if tag == "image-segmentation" else "map") in card.text
+    use = run_python(f"""
+        import json
+        import numpy as np
+        from PIL import Image
+        from transformers import pipeline
+        pipe = pipeline({tag!r}, model={repo_id!r})
+        image = Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype("uint8"))
+        print("LABELS", json.dumps({labels}))
+    """, fake_hub.url, tmp_path)
+    found = json.loads(use.stdout.split("LABELS ", 1)[1].splitlines()[0])
+    assert found and set(found) <= set(json.loads(files["config.json"])["id2label"].values())
