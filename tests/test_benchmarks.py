@@ -94,8 +94,10 @@ def test_step_overhead_rows(tmp_path):
     leaks = table_rows(text, "Leak check")
     for pair in ("cnn-small", "cnn-224", "bert"):
         (row,) = [cells for cells in times if cells[0].startswith(pair + ":")]
-        assert all(NUMBER.match(v) for v in row[1:]), row
+        numbers = row[1:7] + row[8:]  # row[7]: the per-round ratios, "C/(A+B), D/A; ..."
+        assert all(NUMBER.match(v) for v in numbers), row
         assert all(float(v) > 0 for v in row[1:5])
+        assert all(NUMBER.match(v) for v in row[7].replace(";", ",").split(", ")), row
         (row,) = [cells for cells in memory if cells[0] == pair]
         assert all(NUMBER.match(v) for v in row[1:]), row
     assert [cells[0] for cells in leaks] == ["cnn-small, live KD", "cnn-small, cached KD"]
