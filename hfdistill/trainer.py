@@ -221,6 +221,9 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
                 term_batches=self._train_batches,
             )
             self.add_callback(LossHooksCallback(distill, self.loss_contexts))
+            if self.args.channels_last:  # adapters and loss modules, built just now, in the layout of their inputs
+                distill.adapters.to(memory_format=torch.channels_last)
+                distill.losses.to(memory_format=torch.channels_last)
         if distill_state:
             distill.load_distill_state_dict(distill_state, strict=False)
         if self.stage.train is not None:  # checked now; they take effect for the duration of train()

@@ -72,13 +72,14 @@ def test_channels_last_trains_as_contiguous_and_saves_a_loadable_student(tmp_pat
     from transformers import AutoModelForImageClassification
 
     train, _ = digits_dataset(n_train=48)
+    recipe = {"terms": [RECIPE["terms"][0], {**RECIPE["terms"][1], "adapter": "conv_reg"}]}  # a 3x3 conv adapter
 
     def run(channels_last: bool):
         args = DistillationConfig(output_dir=str(tmp_path / str(channels_last)), max_steps=3,
                                   per_device_train_batch_size=16, report_to=[], use_cpu=True, save_strategy="no",
                                   logging_steps=1, seed=0, learning_rate=0.01, channels_last=channels_last)
         trainer = DistillationTrainer(model=tiny_timm("test_efficientnet", seed=0),
-                                      teacher=tiny_timm("test_resnet", seed=1), recipe=RECIPE, args=args,
+                                      teacher=tiny_timm("test_resnet", seed=1), recipe=recipe, args=args,
                                       train_dataset=train)
         trainer.train()
         return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -89,6 +90,8 @@ def test_channels_last_trains_as_contiguous_and_saves_a_loadable_student(tmp_pat
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     teacher_conv = next(p for p in nhwc.teacher.parameters() if p.dim() == 4 and p.shape[-1] > 1)
     assert teacher_conv.is_contiguous(memory_format=torch.channels_last)
+    adapter_conv = next(p for p in nhwc.model.adapters.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert adapter_conv.is_contiguous(memory_format=torch.channels_last) and not adapter_conv.is_contiguous()
     torch.testing.assert_close(torch.tensor(nhwc_losses), torch.tensor(plain_losses), rtol=1e-3, atol=1e-4)
     nhwc.save_model(str(tmp_path / "saved"))
     loaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / "saved")).eval()
