@@ -36,6 +36,7 @@ from .outputs import (CHECKPOINT_COMPLETE_NAME, DISTILL_STATE_NAME, default_file
                       mark_checkpoint_complete, missing_folders, remove_empty_folders, rotate_checkpoints)
 from .recipe import Recipe
 from .teacher import TEACHER_INPUT_PREFIX, Teacher
+from .tasks import compact_label_maps
 from .terms import (DistillationModel, IndexedCollator, IndexedDataset, LossHooksCallback, build_term_modules,
                     load_distill_state, loss_fields, resolve_terms, save_distill_state)
 from .trainer_hub import HubTrainerMixin
@@ -543,6 +544,14 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             self._term_count = 0
             self._step_parts.clear()
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        return loss, logits, compact_label_maps(labels, self._num_labels)  # kept for the whole eval set
+
+    @property
+    def _num_labels(self) -> int | None:
+        return getattr(getattr(self.student, "config", None), "num_labels", None)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if self._teacher_is_cache and self.args.evaluate_teacher and not getattr(self, "_cache_eval_noted", False):
@@ -568,7 +577,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         logits = labels = None
         for batch in dataloader:
             batch = self._prepare_inputs(batch)
-            batch_logits, batch_labels = self.frozen_teacher.logits(batch).float(), batch[label_name]
+            batch_logits = self.frozen_teacher.logits(batch).float()
+            batch_labels = compact_label_maps(batch[label_name], self._num_labels)
             if self.preprocess_logits_for_metrics is not None:  # as for the student (a language model: per-token NLL)
                 batch_logits = self.preprocess_logits_for_metrics(batch_logits, batch_labels)
             if batch_labels.dim() > 1:  # sequences: lengths differ between processes and batches (as the Trainer pads)

@@ -24,7 +24,8 @@ from hfdistill.data_dense import SegmentationCollator, complete_label_names
 from hfdistill.errors import RecipeError
 from hfdistill.models import load_model
 from hfdistill.recipe import DataSpec, ModelSpec, Recipe
-from hfdistill.tasks import IGNORE_INDEX, get_task, mean_iou, segmentation_loss, segmentation_maps
+from hfdistill.tasks import (IGNORE_INDEX, compact_label_maps, get_task, mean_iou, segmentation_loss,
+                             segmentation_maps)
 
 TASK = "semantic-segmentation"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -301,13 +302,22 @@ def test_dense_terms_read_segformer_taps_and_train():
          "name": "affinity_hidden"},
         {"loss": "mse", "weight": 1.0, "student": "hidden_states.1", "teacher": "hidden_states.1", "adapter": "conv1x1"},
     ]
+    label_dtypes = []
+
+    def metrics_seeing_labels(eval_pred):  # the maps kept for the whole eval set are int16, the metrics unchanged
+        label_dtypes.append(eval_pred.label_ids.dtype)
+        wide = type("EvalPrediction", (), {"predictions": eval_pred.predictions,
+                                           "label_ids": eval_pred.label_ids.astype(np.int64)})()
+        assert mean_iou(eval_pred) == mean_iou(wide)
+        return get_task(TASK).compute_metrics(eval_pred)
+
     with __import__("tempfile").TemporaryDirectory() as out:
         args = DistillationConfig(output_dir=out, max_steps=2, per_device_train_batch_size=4, report_to="none",
                                   use_cpu=True, remove_unused_columns=False, save_strategy="no", logging_steps=1)
         trainer = DistillationTrainer(model=student.model, teacher=teacher.model, recipe={"terms": terms}, args=args,
                                       train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
                                       processing_class=student.image_processor(), task_loss=get_task(TASK).loss,
-                                      compute_metrics=get_task(TASK).compute_metrics,
+                                      compute_metrics=metrics_seeing_labels,
                                       preprocess_logits_for_metrics=segmentation_maps)
         shapes = {name: (tuple(c.student_shape), tuple(c.teacher_shape)) for name, c in trainer.loss_contexts.items()}
         shapes = {name: (s[1:], t[1:]) for name, (s, t) in shapes.items()}  # the batch dimension aside
@@ -321,6 +331,21 @@ def test_dense_terms_read_segformer_taps_and_train():
         metrics = trainer.evaluate()
         assert 0 <= metrics["eval_mean_iou"] <= 1 and 0 <= metrics["eval_teacher_mean_iou"] <= 1
         assert "eval_pixel_accuracy" in metrics
+        assert label_dtypes == [np.int16, np.int16]  # the student's evaluation, then the teacher's
+
+
+def test_label_maps_are_kept_as_int16_when_the_classes_fit():
+    maps = torch.tensor([[[0, 3], [IGNORE_INDEX, -100]]])
+    assert compact_label_maps(maps, num_labels=4).dtype == torch.int16
+    assert torch.equal(compact_label_maps(maps, num_labels=4).long(), maps)
+    assert compact_label_maps(maps, num_labels=40000).dtype == torch.int64  # class ids past int16
+    assert compact_label_maps(maps, num_labels=None).dtype == torch.int64  # unknown: as it is
+    tokens = torch.tensor([[5, -100]])
+    assert compact_label_maps(tokens, num_labels=4) is tokens  # sequences and class labels: as they are
+    scores = maps.float()
+    assert compact_label_maps(scores, num_labels=4) is scores
+    boxes = [{"class_labels": torch.tensor([1])}]
+    assert compact_label_maps(boxes, num_labels=4) is boxes
 
 
 # ------------------------------------------------------------------------------------ a whole run
