@@ -64,10 +64,11 @@ def test_peers_speed_rows(peers, heading, method):
             assert note.startswith("skipped: ") and len(note) > 30, f"{label} must say why it was skipped: {note}"
             assert cells[1] == "-"
         else:
-            seconds, ratio, data_s, setup_s = cells[1:5]
+            seconds, ratio, rounds, data_s, setup_s = cells[1:6]
             assert all(NUMBER.match(v) for v in (seconds, ratio, data_s, setup_s)), cells
+            assert all(NUMBER.match(v) for v in rounds.split(", ")), cells  # one ratio per round
             assert float(seconds) > 0
-            assert 0 <= float(cells[5].split()[0]) <= 1  # accuracy
+            assert 0 <= float(cells[6].split()[0]) <= 1  # accuracy
     reference = "torchdistill" if torchdistill_here else "trainer"
     assert f"vs {reference}" in text
     if not torchdistill_here:
@@ -75,11 +76,12 @@ def test_peers_speed_rows(peers, heading, method):
 
 
 def test_peers_speed_equal_work_equal_accuracy(peers):
-    """(c), (c2), (d), (e), (f) and (g) do the same KD from the same weights and seed: the same accuracy."""
+    """(c), (c2), (d), (e), (f), (g) and (h) do the same KD from the same weights and seed: the same accuracy."""
     _, _, raw = peers
     found = {r["system"]: r["accuracy"][0] for r in raw["rows"] if r["method"] == "kd" and r["accuracy"]}
     same = [found[s] for s in ("trainer", "trainer-datasets", "hfdistill-tensors", "hfdistill-datasets",
-                               "hfdistill-recipe", "hfdistill-channels-last")]
+                               "hfdistill-recipe", "hfdistill-channels-last",
+                               "hfdistill-default-optim")]
     assert max(same) - min(same) <= 0.05, found
 
 
