@@ -712,11 +712,23 @@ def _load_tokenizer(name: str | None, path: str, revision: str | None = None) ->
     if name.startswith(PACKAGE_PREFIX):
         name = _resolve_package(name, f"{path}.tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(name, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as exc:
         if not os.path.isdir(name) and _hub_offline():
             raise _offline_error(f"{path}.tokenizer", f"tokenizer {name!r}") from None
         raise RecipeError(f"{path}.tokenizer", f"cannot load tokenizer {name!r}: {exc}") from None
+    # A model folder saved without its tokenizer files still loads one (transformers builds the config's
+    # tokenizer class with no vocabulary): only its special tokens, so every word would become [UNK] or nothing.
+    specials = set(tokenizer.all_special_tokens)
+    if len(tokenizer) <= len(specials):
+        raise RecipeError(
+            f"{path}.tokenizer",
+            f"the tokenizer loaded from {name!r} has no vocabulary, only its special tokens "
+            f"({', '.join(sorted(specials)) or 'none'}): {name!r} holds no tokenizer files, so every word would be "
+            "unknown. Save the tokenizer next to the model (`tokenizer.save_pretrained(folder)`), or name the "
+            "model's own tokenizer in `tokenizer:` (a Hub id or a folder)",
+        )
+    return tokenizer
 
 
 BYTES_TOKENIZER = "hfdistill:bytes"

@@ -75,6 +75,20 @@ def test_config_only_bert_student_and_folder_teacher(tmp_path):
         load_model(ModelSpec(name="bert", config=TINY_BERT), "student", "text-classification", num_labels=2)
 
 
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path):
+    """transformers builds a tokenizer of special tokens alone from such a folder: every word would be [UNK]."""
+    tiny_tokenizer(tmp_path / "tok", ["hello", "world"])
+    spec = ModelSpec(name="bert", config=dict(TINY_BERT, vocab_size=16), tokenizer=str(tmp_path / "tok"))
+    student = load_model(spec, "student", "text-classification", num_labels=2)
+    student.model.save_pretrained(tmp_path / "weights_only")
+    with pytest.raises(RecipeError, match=r"teacher.tokenizer.*no vocabulary.*\[UNK\].*save_pretrained"):
+        load_model(ModelSpec(name=str(tmp_path / "weights_only")), "teacher", "text-classification")
+    # Named beside it, the tokenizer of another folder is used.
+    teacher = load_model(ModelSpec(name=str(tmp_path / "weights_only"), tokenizer=str(tmp_path / "tok")), "teacher",
+                         "text-classification")
+    assert len(teacher.tokenizer) > 5
+
+
 def test_timm_model_for_text_task_is_rejected():
     with pytest.raises(RecipeError, match="image classification"):
         load_model(ModelSpec(name="timm:test_resnet"), "student", "text-classification", num_labels=2)
