@@ -402,6 +402,16 @@ def _resolve_package(name: str, path: str) -> str:
     return str(module.get_model_path())
 
 
+def timm_fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The only input size a timm model takes (``(H, W)``: a ViT-like patch embedding with ``strict_img_size``,
+    whatever ``img_size`` it was built with), or None when any size goes (CNNs, ``dynamic_img_size``)."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None or not getattr(embed, "strict_img_size", False):  # False under dynamic_img_size
+        return None
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
 def _timm_image_config(model: nn.Module, image_size: int | None) -> ImageConfig:
     import timm.data
 
@@ -411,7 +421,8 @@ def _timm_image_config(model: nn.Module, image_size: int | None) -> ImageConfig:
     if len(mean) != channels:  # e.g. ImageNet statistics for a one-channel model: average them
         mean = (sum(mean) / len(mean),) * channels
         std = (sum(std) / len(std),) * channels
-    size = (image_size, image_size) if image_size else tuple(cfg["input_size"][1:])
+    # pretrained_cfg keeps the size of the pretrained weights even for a model built with another `img_size`.
+    size = (image_size, image_size) if image_size else timm_fixed_input_size(model) or tuple(cfg["input_size"][1:])
     return ImageConfig(size=size, channels=channels, mean=mean, std=std, interpolation=cfg.get("interpolation", "bilinear"))
 
 
@@ -888,6 +899,15 @@ def load_model(
         loaded = _load_transformers(spec, name, path, role, task, num_labels, id2label, image_size)
     if task == "image-classification" and loaded.is_timm:
         size = spec.image_size or image_size
+        fixed = timm_fixed_input_size(loaded.model)
+        if size and fixed and fixed != (size, size):
+            asked = f"{path}.image_size" if spec.image_size else "data.image_size"
+            raise RecipeError(
+                f"{path}.kwargs",
+                f"{role} {spec.name!r} takes only {fixed[0]}x{fixed[1]} inputs, but {asked} asks for {size}x{size}; "
+                f"build it at that size with `kwargs: {{img_size: {size}}}` (timm resizes the position embeddings "
+                "of pretrained weights), or with `kwargs: {dynamic_img_size: true}`, or leave the image size out",
+            )
         loaded.image_config = _timm_image_config(loaded.model, size)
         if role == "student" or spec.image_size or size:
             _set_timm_pretrained_cfg(loaded.model, loaded.image_config)

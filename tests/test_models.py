@@ -38,6 +38,23 @@ def test_timm_checkpoint_and_saved_student_roundtrip(tmp_path):
     assert torch.allclose(first.model(x), saved.model(x), atol=1e-5)
 
 
+def test_a_vit_built_at_another_size_is_preprocessed_at_that_size():
+    """timm's pretrained_cfg keeps 224 for a ViT built with img_size=32: the model's own fixed size wins."""
+    loaded = load_model(ModelSpec(name="timm:vit_tiny_patch16_224", kwargs={"img_size": 32, "depth": 1}), "student",
+                        "image-classification", num_labels=3)
+    assert loaded.image_config.size == (32, 32) and loaded.model.pretrained_cfg["input_size"] == (3, 32, 32)
+    assert loaded.model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(RecipeError, match=r"student.kwargs.*only 224x224.*data.image_size.*img_size: 32"):
+        load_model(ModelSpec(name="timm:vit_tiny_patch16_224", kwargs={"depth": 1}), "student",
+                   "image-classification", num_labels=3, image_size=32)
+    with pytest.raises(RecipeError, match=r"teacher.kwargs.*only 32x32.*teacher.image_size asks for 64x64"):
+        load_model(ModelSpec(name="timm:vit_tiny_patch16_224", kwargs={"img_size": 32, "depth": 1}, image_size=64,
+                             pretrained=False), "teacher", "image-classification", num_labels=3)
+    dynamic = load_model(ModelSpec(name="timm:vit_tiny_patch16_224", kwargs={"dynamic_img_size": True, "depth": 1}),
+                         "student", "image-classification", num_labels=3, image_size=32)  # any size goes
+    assert dynamic.image_config.size == (32, 32)
+
+
 def test_unknown_timm_name_suggests():
     with pytest.raises(RecipeError, match="student.name.*resnet18"):
         load_model(ModelSpec(name="timm:resnet18x"), "student", "image-classification", num_labels=10)
