@@ -145,13 +145,34 @@ def _major(version: str) -> str:
 
 
 def weights_hash(model: nn.Module) -> str:
-    """sha256 over the state dict: each tensor's name, dtype, shape and bytes, in sorted name order."""
+    """sha256 over the state dict: each tensor's name, dtype, shape and bytes, in sorted name order. Weights that
+    Accelerate offloaded (``device_map`` with CPU or disk offload: meta tensors here) are read one at a time."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if tensor.device.type == "meta":
+            tensor = _offloaded_tensor(model, name)
         value = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{value.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(value.view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def _offloaded_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The value of state-dict entry ``name`` that Accelerate keeps offloaded: the nearest module above it whose
+    hook holds offloaded weights is onloaded to the CPU just long enough to copy it."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        try:
+            module = model.get_submodule(".".join(parts[:cut]))
+        except AttributeError:
+            continue
+        if has_offloaded_params(module):
+            with align_module_device(module, torch.device("cpu")):
+                return module.state_dict()[".".join(parts[cut:])].detach().to("cpu").clone()
+    raise DistillationError(f"the teacher's weight {name!r} is on the meta device with no offloaded copy to read: "
+                            "load the teacher with its weights (or its device_map's offload) before caching")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -476,9 +497,9 @@ class _Builder:
 
     @property
     def device(self) -> torch.device:
-        model = self.teacher.model
-        param = next(iter(model.parameters()), None) if model is not None else None
-        return param.device if param is not None else torch.device("cpu")
+        """Where batches go: the teacher's device (a teacher spread by ``device_map`` takes its inputs there too;
+        its first parameter may be offloaded, on the meta device)."""
+        return self.teacher.device
 
     def teacher_inputs(self, batch: dict) -> dict:
         if not self.teacher.shared_input_names and self.teacher.inputs_fn is None:

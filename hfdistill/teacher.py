@@ -84,7 +84,9 @@ class Teacher:
         model: a transformers model, a timm model, or any ``nn.Module`` whose forward takes the main
             input tensor. It is frozen here: ``requires_grad=False``, eval mode at every call.
         taps: the tap texts the terms read (module paths or named outputs).
-        device: where it runs (``hf_device_map`` models stay where they are).
+        device: where it runs, and where its outputs go. A model spread by ``device_map`` (Accelerate's big-model
+            inference: over several GPUs, or offloaded to CPU or disk) stays where it is, and what it hands to
+            the losses comes back to ``device`` from whichever device computed it.
         dtype: ``auto`` (as loaded), ``float32``, ``bfloat16`` or ``float16``.
         inputs_fn: optional ``batch -> teacher inputs``; by default the batch's ``teacher_*`` fields
             (prefix removed) and otherwise the student's inputs (``shared_input_names``).
@@ -113,7 +115,9 @@ class Teacher:
         model.requires_grad_(False)
         model.eval()
         cast = TEACHER_DTYPES[dtype]
-        if getattr(model, "hf_device_map", None) is None:
+        self.device = torch.device(device)
+        self.spread = getattr(model, "hf_device_map", None) is not None  # placed by device_map: left there
+        if not self.spread:
             model.to(device=device, dtype=cast) if cast else model.to(device)
         elif cast is not None:
             model.to(dtype=cast)
@@ -163,6 +167,8 @@ class Teacher:
             with torch.inference_mode():
                 outputs = self._forward(self.call_inputs(batch), self.taps.call_kwargs())
                 tapped = self.taps.gather(outputs)
+        if self.spread:  # a tapped layer's output lies on the device that layer runs on
+            tapped = {k: self._to_device(v) for k, v in tapped.items()}
         try:
             return {k: v if k in self.keep_dtype else to_float(v) for k, v in tapped.items()}
         finally:
@@ -170,7 +176,15 @@ class Teacher:
 
     def logits(self, batch: dict) -> torch.Tensor:
         outputs = self.outputs(batch)
-        return outputs if isinstance(outputs, torch.Tensor) else outputs["logits"]
+        logits = outputs if isinstance(outputs, torch.Tensor) else outputs["logits"]
+        return self._to_device(logits) if self.spread else logits
+
+    def _to_device(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value if value.device == self.device else value.to(self.device)
+        if isinstance(value, (list, tuple)):
+            return [self._to_device(v) for v in value]
+        return value
 
     def attach(self) -> None:
         self.taps.attach()

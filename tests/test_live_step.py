@@ -100,3 +100,51 @@ def test_channels_last_trains_as_contiguous_and_saves_a_loadable_student(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=x).logits, nhwc.student(pixel_values=x).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_a_teacher_spread_by_device_map_distils_as_the_whole_teacher(tmp_path):
+    """Accelerate's big-model inference (``device_map``, here every layer offloaded to disk: the CPU has room for
+    none) runs the teacher layer by layer; the taps and losses are those of the teacher loaded whole. A recipe
+    asks for it with the teacher's ``kwargs``."""
+    from tests_helpers import TINY_BERT, tiny_tokenizer
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from hfdistill.models import load_model
+    from hfdistill.recipe import ModelSpec
+
+    tiny_tokenizer(tmp_path / "teacher", ["hello", "world", "again"])
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(**dict(TINY_BERT, vocab_size=16), num_labels=2)).save_pretrained(
+        tmp_path / "teacher")
+    offload = {"device_map": "auto", "max_memory": {"cpu": "20KB"}, "offload_folder": str(tmp_path / "offload")}
+    rows = [{"input_ids": torch.tensor([2, 5 + i % 3, 6, 7, 3]), "attention_mask": torch.ones(5, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(16)]
+    recipe = {"terms": [{"loss": "kd", "weight": 1.0},
+                        {"loss": "mse", "student": "hidden_states.1", "teacher": "bert.encoder.layer.1"}]}
+
+    def losses(teacher) -> list[dict]:
+        torch.manual_seed(1)
+        student = BertForSequenceClassification(BertConfig(**dict(TINY_BERT, vocab_size=16, num_hidden_layers=1),
+                                                           num_labels=2))
+        args = DistillationConfig(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4,
+                                  report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0)
+        trainer = DistillationTrainer(model=student, teacher=teacher, recipe=recipe, args=args, train_dataset=rows)
+        trainer.train()
+        return [{k: v for k, v in e.items() if k.startswith("loss")} for e in trainer.state.log_history if "loss" in e]
+
+    spread = load_model(ModelSpec(name=str(tmp_path / "teacher"), kwargs=offload), "teacher", "text-classification")
+    assert set(spread.model.hf_device_map.values()) == {"disk"}
+    whole = AutoModelForSequenceClassification.from_pretrained(tmp_path / "teacher")
+    spread_losses, whole_losses = losses(spread.model), losses(whole)
+    assert len(spread_losses) == 3 and spread_losses[0]["loss_mse"] > 0
+    for a, b in zip(spread_losses, whole_losses):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
+    # The way to distil from such a teacher on several processes: its outputs cached once, in one process.
+    from hfdistill.cache import TeacherCache, build_cache
+
+    build_cache(spread.model, rows, recipe, tmp_path / "cache", batch_size=8)
+    build_cache(whole, rows, recipe, tmp_path / "cache_whole", batch_size=8)
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows[:4]]), "index": torch.arange(4)}
+    cached, cached_whole = (TeacherCache(tmp_path / name, shared_input_names={"input_ids"}).read(batch, ["logits"])
+                            for name in ("cache", "cache_whole"))
+    torch.testing.assert_close(cached["logits"], cached_whole["logits"])
