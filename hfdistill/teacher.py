@@ -119,8 +119,16 @@ class Teacher:
         self.spread = getattr(model, "hf_device_map", None) is not None  # placed by device_map: left there
         if not self.spread:
             model.to(device=device, dtype=cast) if cast else model.to(device)
-        elif cast is not None:
-            model.to(dtype=cast)
+        elif cast is not None and model_dtype(model) != cast:
+            try:
+                model.to(dtype=cast)
+            except RuntimeError as error:  # Accelerate does not move or cast a model with offloaded weights
+                raise DistillationError(
+                    f"the teacher is placed by device_map with weights offloaded to CPU or disk, and cannot be cast "
+                    f"to {dtype} after loading ({error}); load it in that dtype (a recipe: the teacher's "
+                    f"`kwargs: {{dtype: {dtype}}}`; Python: `from_pretrained(..., dtype=torch.{dtype})`) and leave "
+                    "teacher_dtype at auto"
+                ) from None
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model

@@ -148,3 +148,16 @@ def test_a_teacher_spread_by_device_map_distils_as_the_whole_teacher(tmp_path):
     cached, cached_whole = (TeacherCache(tmp_path / name, shared_input_names={"input_ids"}).read(batch, ["logits"])
                             for name in ("cache", "cache_whole"))
     torch.testing.assert_close(cached["logits"], cached_whole["logits"])
+    # Accelerate cannot cast a model with offloaded weights: teacher_dtype says how to load it in that dtype.
+    from hfdistill.errors import DistillationError
+
+    with pytest.raises(DistillationError, match=r"offloaded.*kwargs: \{dtype: bfloat16\}.*teacher_dtype at auto"):
+        Teacher(spread.model, ["logits"], dtype="bfloat16")
+    half = load_model(ModelSpec(name=str(tmp_path / "teacher"), kwargs={**offload, "dtype": "bfloat16"}), "teacher",
+                      "text-classification")
+    frozen = Teacher(half.model, ["logits"], dtype="bfloat16", shared_input_names={"input_ids"})  # already bf16
+    frozen.attach()
+    logits = frozen.features({"input_ids": batch["input_ids"]})["logits"]
+    frozen.remove()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, cached_whole["logits"], atol=0.05, rtol=0.05)
