@@ -37,9 +37,9 @@ class DistillationConfig(TrainingArguments):
     )
     channels_last: bool = field(
         default=False,
-        metadata={"help": "Run student, teacher, adapters and loss modules in channels-last memory format (NHWC), "
-                  "with each batch's images converted once: faster convolutions on GPUs with tensor cores and with oneDNN on many "
-                  "CPUs; models without 4-d weights and inputs are unaffected."},
+        metadata={"help": "Run student, teacher, adapters and loss modules in channels-last memory format "
+                  "(NHWC), with each batch's images converted once: faster convolutions on GPUs with tensor cores "
+                  "and with oneDNN on many CPUs; models without 4-d weights and inputs are unaffected."},
     )
     evaluate_teacher: bool = field(
         default=True,
