@@ -316,7 +316,9 @@ class _Generator:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        from .teacher import input_device
+
+        return input_device(self.model)
 
     def complete(self, rows: list[dict], shard: int, bar: Any) -> list[dict]:
         """The rows with their completion (prompt/completion) or last assistant turn (chat) by the teacher."""
@@ -538,7 +540,7 @@ def generate_completions(
     from tqdm.auto import tqdm
 
     from .cache import weights_hash
-    from .teacher import TEACHER_DTYPES
+    from .teacher import TEACHER_DTYPES, place_frozen_model
 
     if fmt not in GENERATED_FORMATS:
         raise RecipeError("data", f"{fmt!r} data has no prompt for the teacher to complete: sequence-level distillation "
@@ -558,11 +560,7 @@ def generate_completions(
     model.eval()
     if device is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
-    cast = TEACHER_DTYPES[teacher_dtype]
-    if getattr(model, "hf_device_map", None) is None:  # a model spread over devices by `device_map` stays there
-        model.to(device=device, dtype=cast) if cast is not None else model.to(device)
-    elif cast is not None:
-        model.to(dtype=cast)
+    place_frozen_model(model, device, teacher_dtype)  # a model spread over devices by `device_map` stays there
     generator = _Generator(model, tokenizer, fmt, max_new_tokens=max_new_tokens, max_length=max_length,
                            batch_size=batch_size, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
     num = len(raw_train)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .outputs import WEIGHT_FILE_PATTERNS
-from .teacher import call_model
+from .teacher import call_model, input_device
 
 
 @dataclass
@@ -145,7 +145,7 @@ def measure_latency(
     """Median milliseconds per example for each batch size (bounded by the examples in ``inputs``)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     available = min(len(v) for v in inputs.values() if isinstance(v, torch.Tensor))
     results = {}
     try:

@@ -77,6 +77,33 @@ def call_model(model: nn.Module, inputs: dict, input_names: set[str] | None = No
     )
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model takes its inputs: the device of its first parameter that holds data (a model dispatched by
+    ``device_map`` keeps its offloaded weights on ``meta``); the CPU for a model without parameters."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def place_frozen_model(model: nn.Module, device: torch.device | str, dtype: str = "auto") -> bool:
+    """Move a frozen model to ``device`` and cast it to ``dtype`` (:data:`TEACHER_DTYPES`). A model spread by
+    ``device_map`` (Accelerate's big-model inference) stays where it is, cast when Accelerate allows it; returns
+    whether it is such a model."""
+    cast = TEACHER_DTYPES[dtype]
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(device=device, dtype=cast) if cast else model.to(device)
+        return False
+    if cast is not None and model_dtype(model) != cast:
+        try:
+            model.to(dtype=cast)
+        except RuntimeError as error:  # Accelerate does not move or cast a model with offloaded weights
+            raise DistillationError(
+                f"the teacher is placed by device_map with weights offloaded to CPU or disk, and cannot be cast "
+                f"to {dtype} after loading ({error}); load it in that dtype (a recipe: the teacher's "
+                f"`kwargs: {{dtype: {dtype}}}`; Python: `from_pretrained(..., dtype=torch.{dtype})`) and leave "
+                "teacher_dtype at auto"
+            ) from None
+    return True
+
+
 class Teacher:
     """A frozen teacher model and the taps the loss terms read from it.
 
@@ -114,21 +141,8 @@ class Teacher:
             raise DistillationError(f"teacher dtype must be one of {', '.join(TEACHER_DTYPES)}, got {dtype!r}")
         model.requires_grad_(False)
         model.eval()
-        cast = TEACHER_DTYPES[dtype]
         self.device = torch.device(device)
-        self.spread = getattr(model, "hf_device_map", None) is not None  # placed by device_map: left there
-        if not self.spread:
-            model.to(device=device, dtype=cast) if cast else model.to(device)
-        elif cast is not None and model_dtype(model) != cast:
-            try:
-                model.to(dtype=cast)
-            except RuntimeError as error:  # Accelerate does not move or cast a model with offloaded weights
-                raise DistillationError(
-                    f"the teacher is placed by device_map with weights offloaded to CPU or disk, and cannot be cast "
-                    f"to {dtype} after loading ({error}); load it in that dtype (a recipe: the teacher's "
-                    f"`kwargs: {{dtype: {dtype}}}`; Python: `from_pretrained(..., dtype=torch.{dtype})`) and leave "
-                    "teacher_dtype at auto"
-                ) from None
+        self.spread = place_frozen_model(model, self.device, dtype)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model

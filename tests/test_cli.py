@@ -195,16 +195,23 @@ def test_real_entry_point_in_a_subprocess(tmp_path):
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_text_pair_with_different_tokenizers_end_to_end(tmp_path, capsys):
-    """A config-built BERT teacher and student with their own tokenizers, on a csv file; KD + hidden + attention."""
-    from tests_helpers import TINY_BERT, tiny_tokenizer
+def reviews(tmp_path) -> None:
+    """Two tokenizers over the same words (`tok_s`, `tok_t`) and `reviews.csv`: 48 short reviews, neg / pos."""
+    from tests_helpers import tiny_tokenizer
 
     words = ["good", "bad", "movie", "film", "great", "awful", "plot", "actor"]
     tiny_tokenizer(tmp_path / "tok_s", words)
     tiny_tokenizer(tmp_path / "tok_t", list(reversed(words)) + ["extra"])
-    rows = ["text,label"] + [f"{a} {b},{'pos' if a in ('good', 'great') else 'neg'}"
-                             for a in ("good", "bad", "great", "awful") for b in ("movie", "film", "plot", "actor")]
-    (tmp_path / "reviews.csv").write_text("\n".join(rows * 3) + "\n", encoding="utf-8")
+    rows = [f"{a} {b},{'pos' if a in ('good', 'great') else 'neg'}"
+            for a in ("good", "bad", "great", "awful") for b in ("movie", "film", "plot", "actor")]
+    (tmp_path / "reviews.csv").write_text("\n".join(["text,label"] + rows * 3) + "\n", encoding="utf-8")
+
+
+def test_text_pair_with_different_tokenizers_end_to_end(tmp_path, capsys):
+    """A config-built BERT teacher and student with their own tokenizers, on a csv file; KD + hidden + attention."""
+    from tests_helpers import TINY_BERT
+
+    reviews(tmp_path)
     recipe = {
         "task": "text-classification",
         "teacher": {"name": "bert", "config": dict(TINY_BERT, num_hidden_layers=4, vocab_size=32),
@@ -226,6 +233,41 @@ def test_text_pair_with_different_tokenizers_end_to_end(tmp_path, capsys):
 
     classifier = pipeline("text-classification", model=str(tmp_path / "out" / "student"))
     assert classifier("good movie")[0]["label"] in ("neg", "pos")
+
+
+def test_a_teacher_offloaded_by_device_map_trains_caches_and_is_summarised(tmp_path, capsys):
+    """`teacher.kwargs: {device_map: ...}` (Accelerate's big-model inference; here every weight offloaded to disk)
+    through the CLI: a live run (its summary times the teacher, whose parameters are on `meta`), `hfdistill cache`
+    (hashing offloaded weights) and a run from that cache."""
+    from tests_helpers import TINY_BERT
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    reviews(tmp_path)
+    labels = {0: "neg", 1: "pos"}
+    teacher = BertForSequenceClassification(BertConfig(**dict(TINY_BERT, vocab_size=32), id2label=labels,
+                                                       label2id={v: k for k, v in labels.items()}))
+    teacher.save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(tmp_path / "tok_t").save_pretrained(tmp_path / "teacher")
+    offload = {"device_map": "auto", "max_memory": {"cpu": "20KB"}, "offload_folder": str(tmp_path / "offload")}
+    recipe = {
+        "task": "text-classification",
+        "teacher": {"name": str(tmp_path / "teacher"), "kwargs": offload},
+        "student": {"name": "bert", "config": dict(TINY_BERT, vocab_size=32), "tokenizer": str(tmp_path / "tok_s")},
+        "data": {"name": "csv", "data_files": str(tmp_path / "reviews.csv"), "max_length": 16},
+        "terms": [{"loss": "kd", "weight": 0.5},
+                  {"loss": "hidden_mse", "student": "hidden_states", "teacher": "hidden_states"}],
+        "training": {"output_dir": str(tmp_path / "out" / "student"), "max_steps": 2, "per_device_train_batch_size": 8,
+                     "save_strategy": "no", "use_cpu": True, "report_to": "none"},
+    }
+    path = write(tmp_path, recipe)
+    assert main(["train", path]) == 0
+    summary = capsys.readouterr().out.split("Summary")[-1]
+    assert "teacher" in summary and "student (distilled)" in summary
+    assert main(["cache", path, "--output", str(tmp_path / "cache")]) == 0
+    capsys.readouterr()
+    assert main(["train", path, "--teacher", f"{{cache: {tmp_path / 'cache'}}}",
+                 "--training.output_dir", str(tmp_path / "out" / "from_cache")]) == 0
+    assert (tmp_path / "out" / "from_cache" / "config.json").is_file()
 
 
 def test_baseline_over_several_seeds(tmp_path, capsys):
