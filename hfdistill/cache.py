@@ -113,7 +113,7 @@ from torch import nn
 from .errors import DistillationError, RecipeError
 from .losses.common import SparseLogits, sparse_as_dense
 from .outputs import default_file_mode
-from .teacher import POSITIONAL_INPUTS, TEACHER_DTYPES, Teacher
+from .teacher import POSITIONAL_INPUTS, TEACHER_DTYPES, Teacher, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -146,20 +146,26 @@ def _major(version: str) -> str:
 
 def weights_hash(model: nn.Module) -> str:
     """sha256 over the state dict: each tensor's name, dtype, shape and bytes, in sorted name order. Weights that
-    Accelerate offloaded (``device_map`` with CPU or disk offload: meta tensors here) are read one at a time."""
+    Accelerate offloaded (``device_map`` with CPU or disk offload: meta tensors here) are read from their module,
+    onloaded once for all of its tensors (they come together in sorted order)."""
     digest = hashlib.sha256()
+    onloaded: tuple[str, dict[str, torch.Tensor]] = ("", {})  # (module prefix, its state on the CPU)
     for name, tensor in sorted(model.state_dict().items()):
         if tensor.device.type == "meta":
-            tensor = _offloaded_tensor(model, name)
+            prefix, state = onloaded
+            if not (name.startswith(prefix) and name[len(prefix):] in state):
+                onloaded = prefix, state = _onload_owner(model, name)
+            tensor = state[name[len(prefix):]]
         value = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{value.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(value.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
-def _offloaded_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    """The value of state-dict entry ``name`` that Accelerate keeps offloaded: the nearest module above it whose
-    hook holds offloaded weights is onloaded to the CPU just long enough to copy it."""
+def _onload_owner(model: nn.Module, name: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """For state-dict entry ``name`` that Accelerate keeps offloaded: the nearest module above it whose hook holds
+    offloaded weights, onloaded to the CPU just long enough to copy its state. Returns its prefix (``"a.b."``,
+    ``""`` for the model) and that state."""
     from accelerate.utils import align_module_device, has_offloaded_params
 
     parts = name.split(".")
@@ -170,7 +176,8 @@ def _offloaded_tensor(model: nn.Module, name: str) -> torch.Tensor:
             continue
         if has_offloaded_params(module):
             with align_module_device(module, torch.device("cpu")):
-                return module.state_dict()[".".join(parts[cut:])].detach().to("cpu").clone()
+                state = {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
+            return "".join(part + "." for part in parts[:cut]), state
     raise DistillationError(f"the teacher's weight {name!r} is on the meta device with no offloaded copy to read: "
                             "load the teacher with its weights (or its device_map's offload) before caching")
 
@@ -1329,7 +1336,7 @@ class TeacherCache(Teacher):
             self._checked += 1
         device = self.device if self.device is not None else batch["index"].device
         length = self._sequence_length(batch)
-        return {tap: _to(self._value(tap, index, length), device) for tap in self.active_taps}
+        return {tap: to_device(self._value(tap, index, length), device) for tap in self.active_taps}
 
     def read(self, batch: dict, taps: Iterable[str]) -> dict[str, Any]:
         """The stored values of ``taps`` for the batch's examples as full fp32 tensors (a tap the cache lacks is
@@ -1339,7 +1346,7 @@ class TeacherCache(Teacher):
         index = self._index(batch)
         device = self.device if self.device is not None else batch["index"].device
         length = self._sequence_length(batch)
-        return {tap: sparse_as_dense(_to(self._value(tap, index, length), device)) for tap in taps}
+        return {tap: sparse_as_dense(to_device(self._value(tap, index, length), device)) for tap in taps}
 
     def outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"logits": self.logits(batch)}
@@ -1352,12 +1359,6 @@ class TeacherCache(Teacher):
 
     def remove(self) -> None:
         self.taps.remove()
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, list):
-        return [v.to(device) for v in value]
-    return value.to(device)
 
 
 def is_cache(teacher: Any) -> bool:

@@ -1197,7 +1197,7 @@ class ArrowBatchReader(torch.utils.data.Dataset):
         self._arrow = dataset.with_format("arrow", columns=columns)
         self.columns = list(columns)
         self._slow: set[str] = set()  # columns found not to convert (ragged, text): datasets formats them
-        self._slow_view: tuple[frozenset[str], Any] | None = None  # the dataset's view of those columns, made once
+        self._slow_view: Any = None  # the dataset's view of those columns, made once (again when one is added)
 
     @staticmethod
     def supports(dataset: Any) -> bool:
@@ -1224,14 +1224,16 @@ class ArrowBatchReader(torch.utils.data.Dataset):
         for name in self.columns:
             values = None if name in self._slow else _arrow_to_numpy(table.column(name))
             if values is None:
-                self._slow.add(name)
+                if name not in self._slow:  # found now: the view of the slow columns is made anew
+                    self._slow.add(name)
+                    self._slow_view = None
                 continue
             columns[name] = self._convert(values)
         rows = [{name: values[i] for name, values in columns.items()} for i in range(len(indices))]
         if self._slow:  # the rest as datasets formats it
-            if self._slow_view is None or self._slow_view[0] != self._slow:
-                self._slow_view = (frozenset(self._slow), self.dataset.select_columns(sorted(self._slow)))
-            rest = self._slow_view[1].__getitems__(list(indices))
+            if self._slow_view is None:
+                self._slow_view = self.dataset.select_columns(sorted(self._slow))
+            rest = self._slow_view.__getitems__(list(indices))
             for row, extra in zip(rows, rest):
                 row.update(extra)
         return [{name: row[name] for name in self.columns} for row in rows]

@@ -412,7 +412,7 @@ def timm_fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
 
-def _timm_image_config(model: nn.Module, image_size: int | None) -> ImageConfig:
+def _timm_image_config(model: nn.Module, size: tuple[int, int] | None) -> ImageConfig:
     import timm.data
 
     cfg = timm.data.resolve_model_data_config(model)
@@ -421,8 +421,7 @@ def _timm_image_config(model: nn.Module, image_size: int | None) -> ImageConfig:
     if len(mean) != channels:  # e.g. ImageNet statistics for a one-channel model: average them
         mean = (sum(mean) / len(mean),) * channels
         std = (sum(std) / len(std),) * channels
-    # pretrained_cfg keeps the size of the pretrained weights even for a model built with another `img_size`.
-    size = (image_size, image_size) if image_size else timm_fixed_input_size(model) or tuple(cfg["input_size"][1:])
+    size = size or tuple(cfg["input_size"][1:])
     return ImageConfig(size=size, channels=channels, mean=mean, std=std, interpolation=cfg.get("interpolation", "bilinear"))
 
 
@@ -908,7 +907,8 @@ def load_model(
                 f"build it at that size with `kwargs: {{img_size: {size}}}` (timm resizes the position embeddings "
                 "of pretrained weights), or with `kwargs: {dynamic_img_size: true}`, or leave the image size out",
             )
-        loaded.image_config = _timm_image_config(loaded.model, size)
+        # pretrained_cfg keeps the size of the pretrained weights even for a model built with another `img_size`.
+        loaded.image_config = _timm_image_config(loaded.model, (size, size) if size else fixed)
         if role == "student" or spec.image_size or size:
             _set_timm_pretrained_cfg(loaded.model, loaded.image_config)
     if spec.dtype and loaded.is_timm:

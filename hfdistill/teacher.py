@@ -77,6 +77,15 @@ def call_model(model: nn.Module, inputs: dict, input_names: set[str] | None = No
     )
 
 
+def to_device(value: Any, device: torch.device) -> Any:
+    """A tensor (or a list or tuple of them, as a list) on ``device``; tensors already there are not copied."""
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, (list, tuple)):
+        return [to_device(v, device) for v in value]
+    return value
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where a model takes its inputs: the device of its first parameter that holds data (a model dispatched by
     ``device_map`` keeps its offloaded weights on ``meta``); the CPU for a model without parameters."""
@@ -190,7 +199,7 @@ class Teacher:
                 outputs = self._forward(self.call_inputs(batch), self.taps.call_kwargs())
                 tapped = self.taps.gather(outputs)
         if self.spread:  # a tapped layer's output lies on the device that layer runs on
-            tapped = {k: self._to_device(v) for k, v in tapped.items()}
+            tapped = {k: to_device(v, self.device) for k, v in tapped.items()}
         try:
             return {k: v if k in self.keep_dtype else to_float(v) for k, v in tapped.items()}
         finally:
@@ -199,14 +208,8 @@ class Teacher:
     def logits(self, batch: dict) -> torch.Tensor:
         outputs = self.outputs(batch)
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs["logits"]
-        return self._to_device(logits) if self.spread else logits
+        return to_device(logits, self.device) if self.spread else logits
 
-    def _to_device(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value if value.device == self.device else value.to(self.device)
-        if isinstance(value, (list, tuple)):
-            return [self._to_device(v) for v in value]
-        return value
 
     def attach(self) -> None:
         self.taps.attach()
