@@ -118,7 +118,8 @@ class Teacher:
 
     Args:
         model: a transformers model, a timm model, or any ``nn.Module`` whose forward takes the main
-            input tensor. It is frozen here: ``requires_grad=False``, eval mode at every call.
+            input tensor. It is frozen here: ``requires_grad=False``, eval mode at every call (put back
+            whenever something calls ``.train()`` on it).
         taps: the tap texts the terms read (module paths or named outputs).
         device: where it runs, and where its outputs go. A model spread by ``device_map`` (Accelerate's big-model
             inference: over several GPUs, or offloaded to CPU or disk) stays where it is, and what it hands to
@@ -181,19 +182,26 @@ class Teacher:
     def _forward(self, inputs: dict, forward_kwargs: dict) -> Any:
         return call_model(self.model, inputs, self.input_names, **forward_kwargs)  # half inputs for a half teacher
 
+    def _ensure_eval(self) -> None:
+        """Whatever called ``.train()`` on the teacher (or on a module holding it), it runs in eval mode. Any such
+        call sets the root's flag, so the root is checked, not every module each step (a walk over all of
+        them costs up to a millisecond a step for a large teacher)."""
+        if self.model.training:
+            self.model.eval()
+
     # ---- the interface ----
     # The teacher runs under inference mode: no autograd bookkeeping at all (no version counters, no views
     # tracked), which no_grad still does. Its outputs are then inference tensors, for evaluation only.
     @torch.inference_mode()
     def outputs(self, batch: dict) -> Any:
         """The teacher's own outputs for a batch (no taps recorded); inference tensors, not for a backward."""
-        self.model.eval()  # whatever called .train() on it, the teacher runs in eval mode
+        self._ensure_eval()
         return self._forward(self.call_inputs(batch), {})
 
     def features(self, batch: dict) -> dict[str, Any]:
         """The tapped teacher values for a batch, in fp32 (the terms compute in fp32), as ordinary tensors
         the losses may keep for their backward."""
-        self.model.eval()
+        self._ensure_eval()
         with self.taps.recording():
             with torch.inference_mode():
                 outputs = self._forward(self.call_inputs(batch), self.taps.call_kwargs())

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from accelerate.utils import DistributedType
 from transformers import PreTrainedModel, TimmWrapperImageProcessor, Trainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_concat, nested_detach, nested_numpify
 from transformers.trainer_utils import EvalPrediction, PREFIX_CHECKPOINT_DIR
@@ -170,6 +171,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         self._step_parts: list[dict[str, torch.Tensor]] = []  # this optimiser step's weighted parts, checked once
         self._teacher_eval_metrics: dict[str, dict[str, float]] = {}
         self._on_policy_counts = [0, 0]  # micro-batches sampled by the student, and all, since the last log
+        self._unwrapped: tuple[nn.Module, DistillationModel] | None = None  # (wrapped model, it unwrapped)
 
         teacher_taps = [t for term in distill.terms for t in term.teacher_taps]
         if teacher is None or isinstance(teacher, Teacher):
@@ -348,7 +350,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         student_inputs = self._student_inputs(inputs)
         if model.training and "task" in self._items_parts and num_items_in_batch is not None:
             student_inputs["num_items_in_batch"] = num_items_in_batch  # the model's loss: sum / the step's tokens
-        distill: DistillationModel = self.accelerator.unwrap_model(model)
+        distill = self._distillation_model(model)
         if not model.training or not distill.terms:
             outputs = model(**student_inputs)
             loss = self._task_loss(outputs, inputs)
@@ -367,6 +369,14 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         task_loss = self._task_loss(outputs, inputs) if with_task else None
         loss = self._step_loss(distill.weigh(task_loss, term_losses), num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _distillation_model(self, model: nn.Module) -> DistillationModel:
+        """The model the Trainer hands over (wrapped for DDP, FSDP or DeepSpeed, or not), unwrapped. Looked up
+        once per wrapper: Accelerate's ``unwrap_model`` walks every module and probes installed packages, which
+        cost about a millisecond a step."""
+        if self._unwrapped is None or self._unwrapped[0] is not model:
+            self._unwrapped = (model, self.accelerator.unwrap_model(model))
+        return self._unwrapped[1]
 
     def _step_loss(self, parts: dict[str, torch.Tensor], num_items_in_batch: Any) -> torch.Tensor:
         """A training micro-batch's loss to backpropagate, so that the optimisation step's gradient is that of
@@ -412,6 +422,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         step's micro-batches: one host-device sync per step, so that a NaN never trains silently. A finite
         step's parts go to the logged means; a non-finite one stops training naming the term (``nonfinite:
         stop``) or is skipped (``skip``: no gradients, nothing logged)."""
+        if grad_norm is None:  # no clipping (max_grad_norm 0): the norm alone
+            grad_norm = self._unclipped_grad_norm(model)
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         step_parts, self._step_parts = self._step_parts, []
         values = [value.float().reshape(()) for parts in step_parts for value in parts.values()]
@@ -429,6 +441,21 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         self._nonfinite(what)
         model.zero_grad(set_to_none=True)  # skip: the optimiser leaves parameters without gradients alone
         return grad_norm
+
+    def _unclipped_grad_norm(self, model: nn.Module) -> torch.Tensor | None:
+        """The gradients' total norm when nothing clips them, for one process or DDP (whose gradients are whole
+        on every process); None elsewhere (FSDP, DeepSpeed, tensor-parallel ``DTensor`` gradients: the Trainer
+        asks Accelerate, which knows the shards). The Trainer would clip to infinity instead, a pass that
+        multiplies every gradient by 1."""
+        if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                     DistributedType.MULTI_GPU) \
+                or not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6
+            return None
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads or any(type(g) is not torch.Tensor for g in grads):  # a subclass: DTensor and the like
+            return None
+        self.accelerator.unscale_gradients()  # fp16: the norm of the true gradients, as when clipping
+        return torch.nn.utils.get_total_norm(grads, 2.0)
 
     def _task_loss(self, outputs: Any, inputs: dict) -> torch.Tensor:
         loss = outputs.get("loss") if isinstance(outputs, dict) else None

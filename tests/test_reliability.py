@@ -90,6 +90,19 @@ def test_a_non_finite_gradient_norm_stops_or_is_skipped(tmp_path, digits):
     assert all(p.grad is None for p in trainer.model.parameters())  # the optimiser step does nothing
 
 
+def test_without_clipping_the_gradient_norm_is_read_not_applied(tmp_path, digits):
+    """max_grad_norm 0: the guard's norm is the gradients' total norm, and the gradients are left as they are."""
+    trainer = _trainer(tmp_path, digits[0].select(range(16)), max_grad_norm=0.0)
+    generator = torch.Generator().manual_seed(0)
+    for p in trainer.model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+    grads = [p.grad.clone() for p in trainer.model.parameters()]
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    norm = trainer._get_grad_norm(trainer.model)
+    assert torch.allclose(torch.as_tensor(norm), expected)
+    assert all(p.grad is g or torch.equal(p.grad, g) for p, g in zip(trainer.model.parameters(), grads))
+
+
 def test_a_student_with_non_finite_weights_is_never_saved(tmp_path, digits):
     trainer = _trainer(tmp_path, digits[0].select(range(16)))
     with torch.no_grad():
