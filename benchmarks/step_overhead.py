@@ -25,12 +25,16 @@ at the end of every step; reports its growth from the first tenth to the last te
 Pairs:
   cnn-small   timm resnet18 -> resnet10t, 1x32x32 inputs, 10 classes, batch 64 (the peers benchmark's pair)
   cnn-224     timm resnet50 -> resnet18, 3x224x224 inputs, 1000 classes, batch 8
+  r34-224     timm resnet34 -> resnet18, 3x224x224 inputs, 1000 classes, batch 8 (the GPU measurement's pair: run
+              it with --device cuda --bf16 and a GPU-sized --batch; not in the default pairs)
   bert        BERT-base (transformers BertConfig defaults, 12 layers) -> 4-layer BERT (same width), sequence
               classification (2 labels), random token ids of length 128, batch 8
 All weights are random (no download); the timing does not depend on them.
 
     python benchmarks/step_overhead.py --out benchmarks/results/step_overhead_cpu.md
     python benchmarks/step_overhead.py --device cuda --out benchmarks/results/step_overhead_gpu.md
+    python benchmarks/step_overhead.py --device cuda --bf16 --pairs r34-224 --batch 128 --leak-steps 0 \
+        --out benchmarks/results/step_overhead_gpu_r34_bf16.md             # resnet34 -> resnet18, bf16, throughput
     python benchmarks/step_overhead.py --tiny --out /tmp/step.md        # seconds: shrunken models, a smoke test
 """
 
@@ -135,8 +139,9 @@ def bert_factory(seed: int, **config) -> Callable[[], nn.Module]:
     return make
 
 
-def make_pairs(tiny: bool) -> dict[str, Pair]:
-    """The three pairs; ``tiny`` shrinks inputs, batches and BERT's width so that each phase takes a moment."""
+def make_pairs(tiny: bool, batch: int | None = None) -> dict[str, Pair]:
+    """The pairs; ``tiny`` shrinks inputs, batches and BERT's width so that each phase takes a moment; ``batch``
+    replaces every pair's batch size."""
     if tiny:
         size224, batch224, cnn_batch = 64, 2, 8
         bert_teacher = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
@@ -146,6 +151,8 @@ def make_pairs(tiny: bool) -> dict[str, Pair]:
         size224, batch224, cnn_batch = 224, 8, 64
         bert_teacher, bert_student = {}, dict(num_hidden_layers=4)
         length, bert_batch = 128, 8
+    if batch is not None:
+        batch224 = cnn_batch = bert_batch = batch
     vocab = 30522  # BertConfig's default
     return {
         "cnn-small": Pair("cnn-small", f"timm resnet18 -> resnet10t, 1x32x32, 10 classes, batch {cnn_batch}",
@@ -154,6 +161,9 @@ def make_pairs(tiny: bool) -> dict[str, Pair]:
                           lambda n: RandomImages(n, 1, 32, 10), cnn_batch),
         "cnn-224": Pair("cnn-224", f"timm resnet50 -> resnet18, 3x{size224}x{size224}, 1000 classes, batch {batch224}",
                         timm_factory("resnet50", 1, num_classes=1000), timm_factory("resnet18", 0, num_classes=1000),
+                        lambda n: RandomImages(n, 3, size224, 1000), batch224),
+        "r34-224": Pair("r34-224", f"timm resnet34 -> resnet18, 3x{size224}x{size224}, 1000 classes, batch {batch224}",
+                        timm_factory("resnet34", 1, num_classes=1000), timm_factory("resnet18", 0, num_classes=1000),
                         lambda n: RandomImages(n, 3, size224, 1000), batch224),
         "bert": Pair("bert", f"BERT {'(tiny config) ' if tiny else 'base (12 layers) '}-> "
                              f"{bert_student.get('num_hidden_layers', 4)}-layer BERT, sequence length {length}, "
@@ -360,6 +370,7 @@ class PairResult:
     cache_build_s: float
     cache_bytes: int
     round_ratios: list[tuple[float, float]]  # (C / (A + B), D / A) of each round's medians: the spread
+    batch: int
 
 
 def measure_pair(args: argparse.Namespace, pair: Pair) -> PairResult:
@@ -380,7 +391,7 @@ def measure_pair(args: argparse.Namespace, pair: Pair) -> PairResult:
     with torch.device("meta"):
         phases["teacher"].extra["weights_bytes"] = weights_bytes(pair.teacher())
     result = PairResult(pair.name, pair.description, phases["student"], phases["teacher"], phases["live"],
-                        phases["cached"], build_s, cache_bytes, round_ratios)
+                        phases["cached"], build_s, cache_bytes, round_ratios, pair.batch)
     log(f"{pair.name}: student {result.student.step_s * 1e3:.1f} ms, teacher {result.teacher.step_s * 1e3:.1f} ms, "
         f"live KD {result.live.step_s * 1e3:.1f} ms, cached KD {result.cached.step_s * 1e3:.1f} ms")
     return result
@@ -454,19 +465,21 @@ def report(results: list[PairResult], leaks: list[LeakResult], args: argparse.Na
         f"each phase after {args.warmup} warm-up steps)",
         "",
         "| pair | A. student alone | B. teacher forward | C. live KD | D. cached KD | C / (A + B) | D / A | "
-        "per round: C / (A + B), D / A | cache build s |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "per round: C / (A + B), D / A | examples / s: A, C, D | cache build s |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in results:
         a, b, c, d = r.student.step_s, r.teacher.step_s, r.live.step_s, r.cached.step_s
         spread = "; ".join(f"{live:.2f}, {cached:.2f}" for live, cached in r.round_ratios)
+        throughput = ", ".join(f"{r.batch / t:.1f}" for t in (a, c, d))
         lines.append(f"| {r.pair}: {r.description} | {a * 1e3:.1f} | {b * 1e3:.1f} | {c * 1e3:.1f} | {d * 1e3:.1f} | "
-                     f"{c / (a + b):.2f} | {d / a:.2f} | {spread} | {r.cache_build_s:.1f} |")
+                     f"{c / (a + b):.2f} | {d / a:.2f} | {spread} | {throughput} | {r.cache_build_s:.1f} |")
     lines += [
         "",
         "C / (A + B) = 1.00: a live distillation step costs the student's step plus the teacher's forward, nothing "
-        "more. D / A = 1.00: training from the cache costs what training alone does. The per-round ratios (of each "
-        "round's medians) show the machine's noise. The cache compares its inputs' checksums on its first batches "
+        "more. D / A = 1.00: training from the cache costs what training alone does. Examples per second: the "
+        "student trained alone, with the live teacher and from the cache (batch / median step). The per-round "
+        "ratios (of each round's medians) show the machine's noise. The cache compares its inputs' checksums on its first batches "
         "(16 in a user's run); here on the warm-up batches, so that the timed steps are the steady state.",
         "",
         f"## Peak memory of a step (MB; {memory_kind}, the phase's models created inside it; median over rounds)",
@@ -509,7 +522,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--pairs", nargs="+", default=["cnn-small", "cnn-224", "bert"],
-                        choices=["cnn-small", "cnn-224", "bert"])
+                        choices=["cnn-small", "cnn-224", "r34-224", "bert"])
+    parser.add_argument("--batch", type=int, default=None, help="every pair's batch size (default: each pair's own)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the four phases per pair")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per phase and round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each phase")
@@ -536,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
 def benchmark(args: argparse.Namespace, command: str) -> int:
     """Everything measured, the report printed and written."""
     started = time.perf_counter()
-    pairs = make_pairs(args.tiny)
+    pairs = make_pairs(args.tiny, args.batch)
     results = [measure_pair(args, pairs[name]) for name in args.pairs]
     leaks = []
     if args.leak_steps > 0:

@@ -88,24 +88,27 @@ def test_peers_speed_equal_work_equal_accuracy(peers):
 def test_step_overhead_rows(tmp_path):
     module = load("step_overhead")
     out = tmp_path / "step_overhead_cpu.md"
-    assert module.main(["--tiny", "--out", str(out)]) == 0
+    assert module.main(["--tiny", "--pairs", "cnn-small", "cnn-224", "r34-224", "bert", "--out", str(out)]) == 0
     text = out.read_text()
     assert "Machine:" in text and "Date:" in text and "Command: `python benchmarks/step_overhead.py --tiny" in text
     times = table_rows(text, "Time per optimisation step")
     memory = table_rows(text, "Peak memory")
     leaks = table_rows(text, "Leak check")
-    for pair in ("cnn-small", "cnn-224", "bert"):
+    for pair in ("cnn-small", "cnn-224", "r34-224", "bert"):
         (row,) = [cells for cells in times if cells[0].startswith(pair + ":")]
-        numbers = row[1:7] + row[8:]  # row[7]: the per-round ratios, "C/(A+B), D/A; ..."
+        numbers = row[1:7] + row[9:]  # row[7]: the per-round ratios, "C/(A+B), D/A; ..."; row[8]: examples / s
         assert all(NUMBER.match(v) for v in numbers), row
         assert all(float(v) > 0 for v in row[1:5])
         assert all(NUMBER.match(v) for v in row[7].replace(";", ",").split(", ")), row
+        batch = int(re.search(r"batch (\d+)", row[0]).group(1))
+        throughput = [float(v) for v in row[8].split(", ")]  # A, C, D: batch / step time
+        assert throughput == pytest.approx([batch / (float(row[i]) / 1000) for i in (1, 3, 4)], rel=0.02, abs=0.1)
         (row,) = [cells for cells in memory if cells[0] == pair]
         assert all(NUMBER.match(v) for v in row[1:]), row
     assert [cells[0] for cells in leaks] == ["cnn-small, live KD", "cnn-small, cached KD"]
     assert all(cells[-1] in ("yes", "NO") for cells in leaks)
     raw = json.loads(out.with_suffix(".json").read_text())
-    assert [p["pair"] for p in raw["pairs"]] == ["cnn-small", "cnn-224", "bert"]
+    assert [p["pair"] for p in raw["pairs"]] == ["cnn-small", "cnn-224", "r34-224", "bert"]
 
 
 # ------------------------------------------------------------------------------ causal LM token losses
