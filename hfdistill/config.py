@@ -70,6 +70,12 @@ class DistillationConfig(TrainingArguments):
                   "training with a message naming the term and the step (the last checkpoint stays the newest "
                   "result), or `skip` the optimiser step (counted in the logs as `nonfinite_steps`)."},
     )
+    logging_nan_inf_filter: bool | None = field(
+        default=None,
+        metadata={"help": "transformers' filter that keeps a non-finite step's loss out of the logged mean (it reads "
+                  "every micro-batch's loss on the host: a host-device sync each). Default: on with `nonfinite: "
+                  "skip`, off with `stop`, where a non-finite step stops training before anything is logged."},
+    )
     dry_run_examples: int = field(
         default=2,
         metadata={"help": "Training examples in the dry-run forward that sizes adapters and checks taps."},
@@ -102,6 +108,8 @@ class DistillationConfig(TrainingArguments):
             if sharded:  # Accelerate shards only on accelerators; say so rather than let it pass unnoticed
                 logger.warning(f"{sharded[0]} was asked for, but this machine has no GPU and Accelerate runs {sharded[0]} "
                                "only on accelerators: the run is plain data-parallel (DDP over gloo) on the CPU.")
+        if self.logging_nan_inf_filter is None:
+            self.logging_nan_inf_filter = self.nonfinite == "skip"
         super().__post_init__()
         if self.task_weight < 0:
             raise ValueError(f"DistillationConfig.task_weight must be >= 0, got {self.task_weight}")

@@ -10,6 +10,7 @@ checkpoints of the distillation state, and the teacher's one evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import inspect
 import logging
@@ -43,6 +44,44 @@ from .terms import (DistillationModel, IndexedCollator, IndexedDataset, LossHook
 from .trainer_hub import HubTrainerMixin
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PendingCheck:
+    """A step's verdict (all its loss parts and its gradient norm finite?) on its way to the host: copied into
+    pinned memory without waiting, with an event to wait on when read, a step later, when the copy is long
+    done. On the CPU it is there at once."""
+
+    step: int
+    finite_on_host: torch.Tensor  # bool, 0-d
+    copied: Any  # torch.cuda.Event, or None
+    parts: list[dict[str, torch.Tensor]]
+    grad_norm: Any
+
+    @classmethod
+    def start(cls, step: int, finite: torch.Tensor, parts: list[dict[str, torch.Tensor]], grad_norm: Any) -> "PendingCheck":
+        if finite.device.type != "cuda":
+            return cls(step, finite.cpu(), None, parts, grad_norm)
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(finite, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(step, host, copied, parts, grad_norm)
+
+    def finite(self) -> bool:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return bool(self.finite_on_host)
+
+
+def nonfinite_description(step_parts: list[dict[str, torch.Tensor]], grad_norm: Any) -> str:
+    """What was not finite in a step: its weighted terms by name, else its gradient norm."""
+    bad = {name: float(value) for parts in step_parts for name, value in parts.items()
+           if not bool(torch.isfinite(value))}
+    if bad:
+        return ", ".join(f"{'the task loss' if name == 'task' else 'term ' + repr(name)} = {value}"
+                         for name, value in bad.items()) + " (weighted)"
+    return f"the gradient norm ({float(grad_norm)})"
 
 
 class DistillationTrainer(HubTrainerMixin, Trainer):
@@ -169,6 +208,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         self._term_count = 0
         self._nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient (nonfinite: skip)
         self._step_parts: list[dict[str, torch.Tensor]] = []  # this optimiser step's weighted parts, checked once
+        self._pending: PendingCheck | None = None  # a step whose check is on its way to the host (CUDA)
+        self._defer_checks: bool | None = None  # None: defer on CUDA under `nonfinite: stop`
         self._teacher_eval_metrics: dict[str, dict[str, float]] = {}
         self._on_policy_counts = [0, 0]  # micro-batches sampled by the student, and all, since the last log
         self._unwrapped: tuple[nn.Module, DistillationModel] | None = None  # (wrapped model, it unwrapped)
@@ -401,8 +442,8 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         return torch.stack(total).sum()
 
     # ------------------------------------------------------------------ numerical guards
-    def _nonfinite(self, what: str) -> None:
-        step = self.state.global_step + 1
+    def _nonfinite(self, what: str, step: int | None = None) -> None:
+        step = self.state.global_step + 1 if step is None else step
         if self.args.nonfinite == "skip":
             self._nonfinite_steps += 1
             if self._nonfinite_steps == 1:
@@ -419,9 +460,15 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer's gradient norm, checked once per optimiser step together with the loss parts of the
-        step's micro-batches: one host-device sync per step, so that a NaN never trains silently. A finite
-        step's parts go to the logged means; a non-finite one stops training naming the term (``nonfinite:
-        stop``) or is skipped (``skip``: no gradients, nothing logged)."""
+        step's micro-batches, so that a NaN never trains silently. A finite step's parts go to the logged means;
+        a non-finite one stops training naming the term (``nonfinite: stop``) or is skipped (``skip``: no
+        gradients, nothing logged).
+
+        On CUDA under ``stop`` the verdict travels to the host without waiting (:class:`PendingCheck`) and is
+        read at the next step, or before anything is logged, evaluated or saved, and when training ends: no
+        host-device sync per step, and a non-finite step stops training one step later, before its result
+        reaches a log, a checkpoint or the saved student. Elsewhere it is read at once (on the CPU a read costs
+        nothing; ``skip`` must act before the optimiser step)."""
         if grad_norm is None:  # no clipping (max_grad_norm 0): the norm alone
             grad_norm = self._unclipped_grad_norm(model)
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
@@ -430,17 +477,33 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         if grad_norm is not None:
             device = values[0].device if values else None
             values.append(torch.as_tensor(grad_norm, dtype=torch.float32, device=device).reshape(()))
-        if not values or bool(torch.isfinite(torch.stack(values)).all()):
+        if not values:
+            return grad_norm
+        finite = torch.isfinite(torch.stack(values)).all()
+        if self._defers_check(finite.device):
+            self.check_pending_step()  # the previous step's verdict, a step after it left the device
+            self._pending = PendingCheck.start(self.state.global_step + 1, finite, step_parts, grad_norm)
             for parts in step_parts:
                 self._accumulate(parts)
             return grad_norm
-        bad = {name: float(value) for parts in step_parts for name, value in parts.items()
-               if not bool(torch.isfinite(value))}
-        what = (", ".join(f"{'the task loss' if name == 'task' else 'term ' + repr(name)} = {value}"
-                          for name, value in bad.items()) + " (weighted)") if bad else f"the gradient norm ({float(grad_norm)})"
-        self._nonfinite(what)
+        if bool(finite):
+            for parts in step_parts:
+                self._accumulate(parts)
+            return grad_norm
+        self._nonfinite(nonfinite_description(step_parts, grad_norm))
         model.zero_grad(set_to_none=True)  # skip: the optimiser leaves parameters without gradients alone
         return grad_norm
+
+    def _defers_check(self, device: torch.device) -> bool:
+        wanted = device.type == "cuda" if self._defer_checks is None else self._defer_checks  # tests: on the CPU
+        return self.args.nonfinite == "stop" and wanted
+
+    def check_pending_step(self) -> None:
+        """Read the verdict of a step whose check was deferred (CUDA, ``nonfinite: stop``) and stop training if
+        it was not finite; nothing to do otherwise. Called before logging, evaluating and saving."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.finite():
+            self._nonfinite(nonfinite_description(pending.parts, pending.grad_norm), step=pending.step)
 
     def _unclipped_grad_norm(self, model: nn.Module) -> torch.Tensor | None:
         """The gradients' total norm when nothing clips them, for one process or DDP (whose gradients are whole
@@ -521,6 +584,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         self._term_count += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self.check_pending_step()  # nothing non-finite is logged
         if "loss" in logs and self._nonfinite_steps:
             logs["nonfinite_steps"] = self._nonfinite_steps
         if "loss" in logs and self._on_policy_counts[1]:
@@ -562,8 +626,11 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             self.frozen_teacher.attach()
         try:
             with distill.trainable(self.stage.train, f"{self.stage_path}.train"):
-                return super().train(*args, **kwargs)
+                result = super().train(*args, **kwargs)
+            self.check_pending_step()  # the last step's
+            return result
         finally:
+            self._pending = None
             distill.student_taps.remove()
             if self.frozen_teacher is not None:
                 self.frozen_teacher.remove()
@@ -580,6 +647,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         return getattr(getattr(self.student, "config", None), "num_labels", None)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        self.check_pending_step()
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if self._teacher_is_cache and self.args.evaluate_teacher and not getattr(self, "_cache_eval_noted", False):
             self._cache_eval_noted = True  # the cache holds training examples only
@@ -693,6 +761,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the bare student (contract 4): no adapter, loss or teacher tensors; never non-finite weights."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self.check_pending_step()
         tensors = self.student.state_dict().items()  # parameters and buffers (batch-norm statistics)
         bad = next((name for name, v in tensors if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
         if bad is not None:

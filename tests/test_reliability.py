@@ -90,6 +90,73 @@ def test_a_non_finite_gradient_norm_stops_or_is_skipped(tmp_path, digits):
     assert all(p.grad is None for p in trainer.model.parameters())  # the optimiser step does nothing
 
 
+def _overflowing_at(trainer, step: int) -> None:
+    """The trainer's KD term returns inf at the given step."""
+    kd = trainer.model.losses["kd"]
+    original, calls = kd.forward, {"n": 0}
+
+    def overflowing(*args, **kwargs):
+        calls["n"] += 1
+        value = original(*args, **kwargs)
+        return value * float("inf") if calls["n"] == step else value
+
+    kd.forward = overflowing
+
+
+@pytest.mark.parametrize("logging_steps", [1, 100])
+def test_a_deferred_check_stops_before_the_step_is_logged_or_saved(tmp_path, digits, logging_steps):
+    """CUDA under `nonfinite: stop` reads each step's verdict a step later (no host-device sync per step); forced
+    here on the CPU. Step 3 overflows: training stops naming step 3 and the term, before anything non-finite is
+    logged (logging every step: at step 3's log; rarely: at step 4's check), and the student is not saved."""
+    trainer = _trainer(tmp_path, digits[0].select(range(64)), logging_steps=logging_steps)
+    trainer._defer_checks = True
+    _overflowing_at(trainer, step=3)
+    with pytest.raises(TrainingDivergedError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "training stopped at step 3:" in message and "term 'kd'" in message, message
+    assert trainer.state.global_step == 3  # stopped at step 3's log or at step 4's check, not later
+    logged = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(logged) == (2 if logging_steps == 1 else 0)
+    assert all(torch.isfinite(torch.tensor(value)) for value in logged)
+    assert trainer._pending is None
+    with pytest.raises(TrainingDivergedError, match="not finite"):  # and the NaN weights never ship
+        trainer.save_model(str(tmp_path / "result"))
+    assert not (tmp_path / "result" / "model.safetensors").exists()
+
+
+def test_a_deferred_check_of_the_last_step_is_read_when_training_ends(tmp_path, digits):
+    trainer = _trainer(tmp_path, digits[0].select(range(64)), max_steps=3, logging_steps=100)
+    trainer._defer_checks = True
+    _overflowing_at(trainer, step=3)
+    with pytest.raises(TrainingDivergedError, match="training stopped at step 3:"):
+        trainer.train()
+
+
+def test_deferred_checks_of_finite_steps_train_as_immediate_ones(tmp_path, digits):
+    """The same run with the check read at once and a step later: same weights, same logged losses and terms."""
+    results = []
+    for defer in (False, True):
+        trainer = _trainer(tmp_path / str(defer), digits[0].select(range(64)), logging_steps=2)
+        trainer._defer_checks = defer
+        trainer.train()
+        assert trainer._pending is None
+        logs = [{k: v for k, v in log.items() if k.startswith("loss")} for log in trainer.state.log_history
+                if "loss" in log]
+        results.append((trainer.student.state_dict(), logs))
+    (weights, logs), (deferred_weights, deferred_logs) = results
+    assert logs == deferred_logs and len(logs) == 3
+    for name, value in weights.items():
+        torch.testing.assert_close(deferred_weights[name], value, rtol=0, atol=0)
+
+
+def test_the_loss_filter_follows_the_non_finite_action():
+    """transformers' logging filter reads every micro-batch's loss on the host; `stop` needs no filter."""
+    assert DistillationConfig(output_dir="x").logging_nan_inf_filter is False
+    assert DistillationConfig(output_dir="x", nonfinite="skip").logging_nan_inf_filter is True
+    assert DistillationConfig(output_dir="x", logging_nan_inf_filter=True).logging_nan_inf_filter is True
+
+
 def test_without_clipping_the_gradient_norm_is_read_not_applied(tmp_path, digits):
     """max_grad_norm 0: the guard's norm is the gradients' total norm, and the gradients are left as they are."""
     trainer = _trainer(tmp_path, digits[0].select(range(16)), max_grad_norm=0.0)
