@@ -10,7 +10,11 @@ For each pair, in one run on one machine, per optimisation step (median after wa
      first; its build time is reported apart),
 
 and the ratios C / (A + B) (1.00: distilling costs exactly the student's step plus the teacher's forward)
-and D / A (1.00: reading the cache costs nothing).
+and D / A (1.00: reading the cache costs nothing). On CUDA also
+
+  E. the teacher ahead on a second stream: whether running the teacher's forward for the next batch on its own
+     CUDA stream, while the student trains on this batch, brings a live step below the sequential floor
+     (hand-written loops, in sequence and overlapped, the same work: :func:`overlap_phase`).
 
 Memory, measured in the same phases: the peak above the phase's starting point, with every model of the
 phase created inside it (so weights count). On a GPU: ``torch.cuda.max_memory_allocated`` (exact). On the
@@ -41,6 +45,7 @@ All weights are random (no download); the timing does not depend on them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -353,6 +358,86 @@ def cached_phase(args: argparse.Namespace, pair: Pair, dataset: Dataset, cache: 
     return timer.times[args.warmup:], probe.peak_bytes
 
 
+def overlap_phase(args: argparse.Namespace, pair: Pair, dataset: Dataset) -> tuple[float, float]:
+    """E. Does the teacher's forward for the next batch, on a second CUDA stream while the student trains on this
+    one, bring a live step below the sequential floor? Seconds per step in sequence and overlapped
+    (:func:`overlap_loops`)."""
+    loops = overlap_loops(args, pair, dataset)
+    return loops["sequential"][0], loops["overlapped"][0]
+
+
+def overlap_loops(args: argparse.Namespace, pair: Pair, dataset: Dataset) -> dict[str, tuple[float, nn.Module]]:
+    """Two hand-written loops doing the same work from the same student (teacher forward under inference mode,
+    student forward, 0.5 x cross-entropy + 0.5 x T^2 KL at T = 4, backward, AdamW): ``sequential``, and
+    ``overlapped``, which launches the teacher on batch i + 1 on a side stream before the student's step on
+    batch i. Seconds per step of each (timed over all steps together: a synchronisation per step would end the
+    overlap) and the trained student. Off CUDA there is no second stream and both run in sequence: the code is
+    exercised (both students must come out equal), the question is not measured."""
+    from hfdistill.losses.logits import soft_kl
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    teacher = pair.teacher().to(device, torch.bfloat16 if args.bf16 else None).eval().requires_grad_(False)
+    batches = []
+    for step in range(args.warmup + args.steps):  # on the device before timing: no copy in the loops
+        start = (step * pair.batch) % len(dataset)
+        batch = default_data_collator([dataset[i % len(dataset)] for i in range(start, start + pair.batch)])
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    side = torch.cuda.Stream(device) if cuda else None
+
+    def on_side():
+        return torch.cuda.stream(side) if cuda else contextlib.nullcontext()
+
+    def teacher_logits(batch: dict) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = logits_of(call_model(teacher, batch)).float()
+        return logits.clone()  # an ordinary tensor, as hfdistill's Teacher hands over
+
+    def run(overlapped: bool) -> tuple[float, nn.Module]:
+        student = pair.student().to(device).train()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=cuda or None)
+
+        def student_step(batch: dict, target: torch.Tensor) -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                logits = logits_of(call_model(student, batch)).float()
+            loss = (0.5 * torch.nn.functional.cross_entropy(logits, batch["labels"])
+                    + 0.5 * 16 * soft_kl(logits, target, 4.0))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def loop(steps: list[dict]) -> None:
+            if not overlapped:
+                for batch in steps:
+                    student_step(batch, teacher_logits(batch))
+                return
+            main = torch.cuda.current_stream(device) if cuda else None
+            with on_side():
+                ahead = teacher_logits(steps[0])
+            for i, batch in enumerate(steps):
+                if cuda:
+                    main.wait_stream(side)  # this batch's teacher logits are ready
+                    ahead.record_stream(main)  # made on the side stream, freed on the main one
+                target = ahead
+                if i + 1 < len(steps):
+                    with on_side():
+                        ahead = teacher_logits(steps[i + 1])  # runs while the student's step below does
+                student_step(batch, target)
+
+        loop(batches[:args.warmup] or batches[:1])
+        synchronize(args.device)
+        begin = time.perf_counter()
+        loop(batches[args.warmup:])
+        synchronize(args.device)
+        return (time.perf_counter() - begin) / max(1, len(batches) - args.warmup), student
+
+    return {"sequential": run(False), "overlapped": run(True)}
+
+
+def logits_of(outputs) -> torch.Tensor:
+    return outputs if isinstance(outputs, torch.Tensor) else outputs["logits"]
+
+
 def combine(runs: list[tuple[list[float], int]]) -> Phase:
     """Rounds of one phase: the median of all their timed steps, the median of their peaks."""
     return Phase(statistics.median([t for times, _ in runs for t in times]),
@@ -371,12 +456,14 @@ class PairResult:
     cache_bytes: int
     round_ratios: list[tuple[float, float]]  # (C / (A + B), D / A) of each round's medians: the spread
     batch: int
+    overlap: tuple[float, float] | None = None  # E (CUDA only): seconds per step, in sequence and overlapped
 
 
 def measure_pair(args: argparse.Namespace, pair: Pair) -> PairResult:
     """A, B, C and D for one pair on the same batches, in ``--rounds`` interleaved rounds (A B C D A B C D ...)."""
     dataset = pair.dataset(pair.batch * (args.warmup + args.steps))
     runs: dict[str, list] = {"student": [], "teacher": [], "live": [], "cached": []}
+    overlaps = []
     with tempfile.TemporaryDirectory() as folder:
         cache, build_s, cache_bytes = make_cache(args, pair, dataset, os.path.join(folder, "cache"))
         for _ in range(args.rounds):
@@ -384,6 +471,8 @@ def measure_pair(args: argparse.Namespace, pair: Pair) -> PairResult:
             runs["teacher"].append(teacher_phase(args, pair, dataset))
             runs["live"].append(live_phase(args, pair, dataset))
             runs["cached"].append(cached_phase(args, pair, dataset, cache))
+            if args.device.startswith("cuda"):
+                overlaps.append(overlap_phase(args, pair, dataset))
     phases = {name: combine(found) for name, found in runs.items()}
     medians = {name: [statistics.median(times) for times, _ in found] for name, found in runs.items()}
     round_ratios = [(c / (a + b), d / a) for a, b, c, d in
@@ -391,7 +480,8 @@ def measure_pair(args: argparse.Namespace, pair: Pair) -> PairResult:
     with torch.device("meta"):
         phases["teacher"].extra["weights_bytes"] = weights_bytes(pair.teacher())
     result = PairResult(pair.name, pair.description, phases["student"], phases["teacher"], phases["live"],
-                        phases["cached"], build_s, cache_bytes, round_ratios, pair.batch)
+                        phases["cached"], build_s, cache_bytes, round_ratios, pair.batch,
+                        tuple(statistics.median(x) for x in zip(*overlaps)) if overlaps else None)
     log(f"{pair.name}: student {result.student.step_s * 1e3:.1f} ms, teacher {result.teacher.step_s * 1e3:.1f} ms, "
         f"live KD {result.live.step_s * 1e3:.1f} ms, cached KD {result.cached.step_s * 1e3:.1f} ms")
     return result
@@ -482,6 +572,19 @@ def report(results: list[PairResult], leaks: list[LeakResult], args: argparse.Na
         "ratios (of each round's medians) show the machine's noise. The cache compares its inputs' checksums on its first batches "
         "(16 in a user's run); here on the warm-up batches, so that the timed steps are the steady state.",
         "",
+        "## E. The teacher's next batch on a second CUDA stream (ms per step; hand-written loops, the same work)",
+        "",
+    ]
+    if any(r.overlap for r in results):
+        lines += ["| pair | in sequence | teacher on batch i + 1 overlapped with the student's step on batch i | "
+                  "overlapped / in sequence |", "|---|---:|---:|---:|"]
+        lines += [f"| {r.pair} | {r.overlap[0] * 1e3:.1f} | {r.overlap[1] * 1e3:.1f} | {r.overlap[1] / r.overlap[0]:.2f} |"
+                  for r in results if r.overlap]
+        lines += ["", "Below 1.00: running the teacher ahead on its own stream hides part of its forward behind the "
+                  "student's step (the GPU had room for both); 1.00: it had none.", ""]
+    else:
+        lines += ["Not measured: no CUDA device here (it needs a second CUDA stream; run with `--device cuda`).", ""]
+    lines += [
         f"## Peak memory of a step (MB; {memory_kind}, the phase's models created inside it; median over rounds)",
         "",
         "| pair | A. student alone | teacher weights | B. teacher forward (weights + activations) | C. live KD | "

@@ -109,6 +109,28 @@ def test_step_overhead_rows(tmp_path):
     assert all(cells[-1] in ("yes", "NO") for cells in leaks)
     raw = json.loads(out.with_suffix(".json").read_text())
     assert [p["pair"] for p in raw["pairs"]] == ["cnn-small", "cnn-224", "r34-224", "bert"]
+    assert "Not measured: no CUDA device here" in text  # E: a second CUDA stream
+
+
+@pytest.mark.parametrize("pair", ["cnn-small", "bert"])
+def test_step_overhead_overlapped_loop_does_the_sequential_work(pair):
+    """E's loop that runs the teacher one batch ahead (on a second CUDA stream on a GPU; in sequence here) must
+    give each batch its own teacher logits: from the same start both loops train the same student."""
+    import torch
+
+    module = load("step_overhead")
+    args = module.parse_args(["--tiny"])
+    chosen = module.make_pairs(tiny=True)[pair]
+    dataset = chosen.dataset(chosen.batch * (args.warmup + 3))
+    args.steps = 3
+    loops = module.overlap_loops(args, chosen, dataset)
+    (sequential_s, sequential), (overlapped_s, overlapped) = loops["sequential"], loops["overlapped"]
+    assert sequential_s > 0 and overlapped_s > 0
+    start = chosen.student().state_dict()
+    trained = sequential.state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in trained.items())
+    for name, value in overlapped.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
 
 
 # ------------------------------------------------------------------------------ causal LM token losses
