@@ -783,6 +783,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model, trial) -> None:
+        self.check_pending_step()  # on every process (only the main one writes the student)
         # transformers rotates (deletes the oldest checkpoints) before this one is complete: a run killed in
         # between would be left with fewer complete checkpoints than save_total_limit, or none. Rotate after.
         limit, self.args.save_total_limit = self.args.save_total_limit, None

@@ -125,6 +125,16 @@ def test_a_deferred_check_stops_before_the_step_is_logged_or_saved(tmp_path, dig
     assert not (tmp_path / "result" / "model.safetensors").exists()
 
 
+def test_a_deferred_check_comes_before_a_checkpoint_of_the_step(tmp_path, digits):
+    trainer = _trainer(tmp_path, digits[0].select(range(64)), logging_steps=100, save_strategy="steps", save_steps=3)
+    trainer._defer_checks = True
+    _overflowing_at(trainer, step=3)
+    with pytest.raises(TrainingDivergedError, match="training stopped at step 3:"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    assert not (tmp_path / "out" / "checkpoint-3").exists()
+
+
 def test_a_deferred_check_of_the_last_step_is_read_when_training_ends(tmp_path, digits):
     trainer = _trainer(tmp_path, digits[0].select(range(64)), max_steps=3, logging_steps=100)
     trainer._defer_checks = True
