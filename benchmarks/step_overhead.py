@@ -14,7 +14,7 @@ and D / A (1.00: reading the cache costs nothing). On CUDA also
 
   E. the teacher ahead on a second stream: whether running the teacher's forward for the next batch on its own
      CUDA stream, while the student trains on this batch, brings a live step below the sequential floor
-     (hand-written loops, in sequence and overlapped, the same work: :func:`overlap_phase`).
+     (hand-written loops, in sequence and overlapped, the same work: :func:`overlap_loops`).
 
 Memory, measured in the same phases: the peak above the phase's starting point, with every model of the
 phase created inside it (so weights count). On a GPU: ``torch.cuda.max_memory_allocated`` (exact). On the
@@ -77,7 +77,7 @@ from transformers import TrainerCallback, default_data_collator  # noqa: E402
 
 from hfdistill import DistillationConfig, DistillationTrainer  # noqa: E402
 from hfdistill.cache import TeacherCache, build_cache  # noqa: E402
-from hfdistill.teacher import call_model  # noqa: E402
+from hfdistill.teacher import call_model, logits_of  # noqa: E402
 
 KD = {"terms": [{"loss": "kd"}]}
 MB = 2**20
@@ -310,6 +310,12 @@ def student_phase(args: argparse.Namespace, pair: Pair, dataset: Dataset) -> tup
     return timer.times[args.warmup:], probe.peak_bytes
 
 
+def step_batch(pair: Pair, dataset: Dataset, step: int) -> dict:
+    """The batch a trainer reads at ``step`` (the dataset in order, cycled), collated."""
+    start = (step * pair.batch) % len(dataset)
+    return default_data_collator([dataset[i % len(dataset)] for i in range(start, start + pair.batch)])
+
+
 def teacher_phase(args: argparse.Namespace, pair: Pair, dataset: Dataset) -> tuple[list[float], int]:
     """B. The teacher's forward alone (eval mode, no_grad) on the batches the trainers read."""
     dtype = torch.bfloat16 if args.bf16 else None
@@ -317,9 +323,7 @@ def teacher_phase(args: argparse.Namespace, pair: Pair, dataset: Dataset) -> tup
     with MemoryProbe(args.device) as probe:
         teacher = pair.teacher().to(args.device, dtype).eval()
         for step in range(args.warmup + args.steps):
-            start = (step * pair.batch) % len(dataset)
-            batch = default_data_collator([dataset[i % len(dataset)] for i in range(start, start + pair.batch)])
-            batch = {k: v.to(args.device) for k, v in batch.items() if k != "labels"}
+            batch = {k: v.to(args.device) for k, v in step_batch(pair, dataset, step).items() if k != "labels"}
             synchronize(args.device)
             begin = time.perf_counter()
             with torch.no_grad():
@@ -358,16 +362,11 @@ def cached_phase(args: argparse.Namespace, pair: Pair, dataset: Dataset, cache: 
     return timer.times[args.warmup:], probe.peak_bytes
 
 
-def overlap_phase(args: argparse.Namespace, pair: Pair, dataset: Dataset) -> tuple[float, float]:
-    """E. Does the teacher's forward for the next batch, on a second CUDA stream while the student trains on this
-    one, bring a live step below the sequential floor? Seconds per step in sequence and overlapped
-    (:func:`overlap_loops`)."""
-    loops = overlap_loops(args, pair, dataset)
-    return loops["sequential"][0], loops["overlapped"][0]
-
-
 def overlap_loops(args: argparse.Namespace, pair: Pair, dataset: Dataset) -> dict[str, tuple[float, nn.Module]]:
-    """Two hand-written loops doing the same work from the same student (teacher forward under inference mode,
+    """E. Does the teacher's forward for the next batch, on a second CUDA stream while the student trains on this
+    one, bring a live step below the sequential floor?
+
+    Two hand-written loops doing the same work from the same student (teacher forward under inference mode,
     student forward, 0.5 x cross-entropy + 0.5 x T^2 KL at T = 4, backward, AdamW): ``sequential``, and
     ``overlapped``, which launches the teacher on batch i + 1 on a side stream before the student's step on
     batch i. Seconds per step of each (timed over all steps together: a synchronisation per step would end the
@@ -380,9 +379,7 @@ def overlap_loops(args: argparse.Namespace, pair: Pair, dataset: Dataset) -> dic
     teacher = pair.teacher().to(device, torch.bfloat16 if args.bf16 else None).eval().requires_grad_(False)
     batches = []
     for step in range(args.warmup + args.steps):  # on the device before timing: no copy in the loops
-        start = (step * pair.batch) % len(dataset)
-        batch = default_data_collator([dataset[i % len(dataset)] for i in range(start, start + pair.batch)])
-        batches.append({k: v.to(device) for k, v in batch.items()})
+        batches.append({k: v.to(device) for k, v in step_batch(pair, dataset, step).items()})
     side = torch.cuda.Stream(device) if cuda else None
 
     def on_side():
@@ -434,10 +431,6 @@ def overlap_loops(args: argparse.Namespace, pair: Pair, dataset: Dataset) -> dic
     return {"sequential": run(False), "overlapped": run(True)}
 
 
-def logits_of(outputs) -> torch.Tensor:
-    return outputs if isinstance(outputs, torch.Tensor) else outputs["logits"]
-
-
 def combine(runs: list[tuple[list[float], int]]) -> Phase:
     """Rounds of one phase: the median of all their timed steps, the median of their peaks."""
     return Phase(statistics.median([t for times, _ in runs for t in times]),
@@ -472,7 +465,8 @@ def measure_pair(args: argparse.Namespace, pair: Pair) -> PairResult:
             runs["live"].append(live_phase(args, pair, dataset))
             runs["cached"].append(cached_phase(args, pair, dataset, cache))
             if args.device.startswith("cuda"):
-                overlaps.append(overlap_phase(args, pair, dataset))
+                loops = overlap_loops(args, pair, dataset)
+                overlaps.append((loops["sequential"][0], loops["overlapped"][0]))
     phases = {name: combine(found) for name, found in runs.items()}
     medians = {name: [statistics.median(times) for times, _ in found] for name, found in runs.items()}
     round_ratios = [(c / (a + b), d / a) for a, b, c, d in
@@ -569,8 +563,9 @@ def report(results: list[PairResult], leaks: list[LeakResult], args: argparse.Na
         "C / (A + B) = 1.00: a live distillation step costs the student's step plus the teacher's forward, nothing "
         "more. D / A = 1.00: training from the cache costs what training alone does. Examples per second: the "
         "student trained alone, with the live teacher and from the cache (batch / median step). The per-round "
-        "ratios (of each round's medians) show the machine's noise. The cache compares its inputs' checksums on its first batches "
-        "(16 in a user's run); here on the warm-up batches, so that the timed steps are the steady state.",
+        "ratios (of each round's medians) show the machine's noise. The cache compares its inputs' checksums on "
+        "its first batches (16 in a user's run); here on the warm-up batches, so that the timed steps are the "
+        "steady state.",
         "",
         "## E. The teacher's next batch on a second CUDA stream (ms per step; hand-written loops, the same work)",
         "",

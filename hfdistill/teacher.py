@@ -77,6 +77,25 @@ def call_model(model: nn.Module, inputs: dict, input_names: set[str] | None = No
     )
 
 
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits in what a model returned: the tensor itself (timm), ``outputs['logits']`` or the first item."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict) and outputs.get("logits") is not None:
+        return outputs["logits"]
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise DistillationError(f"cannot find logits in the model's output ({type(outputs).__name__})")
+
+
+def ensure_eval(model: nn.Module) -> None:
+    """A frozen model in eval mode, whatever called ``.train()`` on it (or on a module holding it). Any such call
+    sets the root's flag, so the root is checked, not every module at each call (a walk over all of them costs
+    up to a millisecond a step for a large teacher)."""
+    if model.training:
+        model.eval()
+
+
 def to_device(value: Any, device: torch.device) -> Any:
     """A tensor (or a list or tuple of them, as a list) on ``device``; tensors already there are not copied."""
     if isinstance(value, torch.Tensor):
@@ -182,26 +201,19 @@ class Teacher:
     def _forward(self, inputs: dict, forward_kwargs: dict) -> Any:
         return call_model(self.model, inputs, self.input_names, **forward_kwargs)  # half inputs for a half teacher
 
-    def _ensure_eval(self) -> None:
-        """Whatever called ``.train()`` on the teacher (or on a module holding it), it runs in eval mode. Any such
-        call sets the root's flag, so the root is checked, not every module each step (a walk over all of
-        them costs up to a millisecond a step for a large teacher)."""
-        if self.model.training:
-            self.model.eval()
-
     # ---- the interface ----
     # The teacher runs under inference mode: no autograd bookkeeping at all (no version counters, no views
     # tracked), which no_grad still does. Its outputs are then inference tensors, for evaluation only.
     @torch.inference_mode()
     def outputs(self, batch: dict) -> Any:
         """The teacher's own outputs for a batch (no taps recorded); inference tensors, not for a backward."""
-        self._ensure_eval()
+        ensure_eval(self.model)
         return self._forward(self.call_inputs(batch), {})
 
     def features(self, batch: dict) -> dict[str, Any]:
         """The tapped teacher values for a batch, in fp32 (the terms compute in fp32), as ordinary tensors
         the losses may keep for their backward."""
-        self._ensure_eval()
+        ensure_eval(self.model)
         with self.taps.recording():
             with torch.inference_mode():
                 outputs = self._forward(self.call_inputs(batch), self.taps.call_kwargs())
@@ -214,10 +226,8 @@ class Teacher:
             self.taps.clear()
 
     def logits(self, batch: dict) -> torch.Tensor:
-        outputs = self.outputs(batch)
-        logits = outputs if isinstance(outputs, torch.Tensor) else outputs["logits"]
+        logits = logits_of(self.outputs(batch))
         return to_device(logits, self.device) if self.spread else logits
-
 
     def attach(self) -> None:
         self.taps.attach()

@@ -37,7 +37,7 @@ from .models import is_timm_model, load_student_weights, shifts_labels, student_
 from .outputs import (CHECKPOINT_COMPLETE_NAME, DISTILL_STATE_NAME, default_file_mode, last_complete_checkpoint,
                       mark_checkpoint_complete, missing_folders, remove_empty_folders, rotate_checkpoints)
 from .recipe import Recipe
-from .teacher import TEACHER_INPUT_PREFIX, Teacher
+from .teacher import TEACHER_INPUT_PREFIX, Teacher, logits_of
 from .tasks import compact_label_maps
 from .terms import (DistillationModel, IndexedCollator, IndexedDataset, LossHooksCallback, build_term_modules,
                     load_distill_state, loss_fields, resolve_terms, save_distill_state)
@@ -699,8 +699,7 @@ class DistillationTrainer(HubTrainerMixin, Trainer):
             batch = self._prepare_inputs(batch)
             batch_labels = batch[label_name]
             outputs = self.frozen_teacher.outputs(batch)
-            reduced = reduce(outputs, batch_labels) if reduce is not None else (
-                outputs if isinstance(outputs, torch.Tensor) else outputs["logits"])
+            reduced = reduce(outputs, batch_labels) if reduce is not None else logits_of(outputs)
             reduced, batch_labels = self.accelerator.gather_for_metrics((reduced, batch_labels))
             predictions.append(nested_numpify(nested_detach(reduced)))
             labels.append(nested_numpify(nested_detach(batch_labels)))

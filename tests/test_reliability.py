@@ -49,6 +49,19 @@ def _trainer(tmp_path, train, **args) -> DistillationTrainer:
 
 
 # ------------------------------------------------------------------------------ NaN never trains silently
+def _overflowing_at(trainer, step: int) -> None:
+    """The trainer's KD term returns inf at the given step."""
+    kd = trainer.model.losses["kd"]
+    original, calls = kd.forward, {"n": 0}
+
+    def overflowing(*args, **kwargs):
+        calls["n"] += 1
+        value = original(*args, **kwargs)
+        return value * float("inf") if calls["n"] == step else value
+
+    kd.forward = overflowing
+
+
 def test_a_non_finite_loss_stops_training_naming_the_term_and_the_step(tmp_path, digits):
     train = _with_nan(digits[0].select(range(48)), row=5)
     trainer = _trainer(tmp_path, train)
@@ -61,15 +74,7 @@ def test_a_non_finite_loss_stops_training_naming_the_term_and_the_step(tmp_path,
 
 def test_skip_mode_skips_non_finite_steps_and_counts_them(tmp_path, digits):
     trainer = _trainer(tmp_path, digits[0].select(range(48)), nonfinite="skip")
-    kd = trainer.model.losses["kd"]
-    original, calls = kd.forward, {"n": 0}
-
-    def overflowing(*args, **kwargs):  # the third step's term overflows
-        calls["n"] += 1
-        value = original(*args, **kwargs)
-        return value * float("inf") if calls["n"] == 3 else value
-
-    kd.forward = overflowing
+    _overflowing_at(trainer, step=3)
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     trainer.train()
     assert all(torch.isfinite(v).all() for v in trainer.student.state_dict().values() if v.is_floating_point())
@@ -88,19 +93,6 @@ def test_a_non_finite_gradient_norm_stops_or_is_skipped(tmp_path, digits):
     trainer.args.nonfinite = "skip"
     trainer._get_grad_norm(trainer.model)
     assert all(p.grad is None for p in trainer.model.parameters())  # the optimiser step does nothing
-
-
-def _overflowing_at(trainer, step: int) -> None:
-    """The trainer's KD term returns inf at the given step."""
-    kd = trainer.model.losses["kd"]
-    original, calls = kd.forward, {"n": 0}
-
-    def overflowing(*args, **kwargs):
-        calls["n"] += 1
-        value = original(*args, **kwargs)
-        return value * float("inf") if calls["n"] == step else value
-
-    kd.forward = overflowing
 
 
 @pytest.mark.parametrize("logging_steps", [1, 100])

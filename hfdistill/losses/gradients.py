@@ -29,7 +29,7 @@ from torch.autograd.graph import GradientEdge
 
 from ..errors import DistillationError, LossParamError
 from ..taps import Tap, resolve_module
-from ..teacher import POSITIONAL_INPUTS, call_model
+from ..teacher import POSITIONAL_INPUTS, call_model, ensure_eval, logits_of
 from .common import check_bool, check_choice, check_number, pool_to_smaller
 from .logits import soft_kl
 from .registry import register_loss
@@ -85,24 +85,13 @@ def _main_input_key(inputs: dict, who: str, loss: str) -> str:
     )
 
 
-def logits_of(outputs: Any) -> torch.Tensor:
-    """The logits in what a model returned: the tensor itself (timm), ``outputs['logits']`` or the first item."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, dict) and outputs.get("logits") is not None:
-        return outputs["logits"]
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    raise DistillationError(f"cannot find logits in the model's output ({type(outputs).__name__})")
-
-
 def _run_teacher(frozen: Any, model: nn.Module, inputs: dict, key: str, x: torch.Tensor) -> torch.Tensor:
     """The teacher's fp32 logits for ``inputs`` with ``inputs[key] = x`` (cast to the teacher's dtype).
 
-    Eval mode, as the engine keeps it (``eval()`` is idempotent; the teacher is never put in training mode).
-    Gradients flow to ``x`` when it requires grad and grad mode is on; the parameters get none.
+    Eval mode, as the engine keeps it. Gradients flow to ``x`` when it requires grad and grad mode is on; the
+    parameters get none.
     """
-    model.eval()
+    ensure_eval(model)
     dtype = getattr(frozen, "dtype", None)
     if dtype is not None and x.dtype != dtype:
         x = x.to(dtype)
